@@ -1,0 +1,1 @@
+"""Ray actors: per-level encoders and the cascade router."""

@@ -1,0 +1,1 @@
+"""Ray Serve app and HTTP API."""

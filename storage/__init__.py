@@ -1,0 +1,1 @@
+"""Every LanceDB table: images, embeddings, caches, ledgers."""

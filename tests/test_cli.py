@@ -1,0 +1,39 @@
+"""The `bicascade` command as a user runs it: subprocesses, one JSON document on stdout."""
+import json
+import subprocess
+import sys
+
+
+def run(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "bicascade.cli", *args], capture_output=True, text=True,
+                          check=check, timeout=300)
+
+
+def test_help_lists_subcommands():
+    out = run("--help").stdout
+    for cmd in ("costs", "ladders", "demo"):
+        assert cmd in out
+
+
+def test_costs_json_contract():
+    out = run("costs", "ViT-B-16", "ViT-L-14", "ViT-L-14,ViT-g-14", "ViT-B-16,ViT-g-14",
+              "ViT-B-16,ViT-L-14,ViT-g-14", "--json").stdout
+    doc = json.loads(out)
+    rows = doc["cascades"]
+    assert [r["cascade"] for r in rows][-1] == ["ViT-B-16", "ViT-L-14", "ViT-g-14"]
+    assert set(rows[0]) >= {"cascade", "gflops", "f_life", "f_latency"}
+    assert rows[4]["f_latency"] > 1 and rows[3]["f_latency"] is None
+
+
+def test_ladders_json_contract():
+    doc = json.loads(run("ladders", "--json").stdout)
+    names = {l["name"]: l for l in doc["ladders"]}
+    assert names["openclip-vit"]["levels"] == ["ViT-B-16", "ViT-L-14", "ViT-g-14"]
+    assert names["openclip-vit"]["shared_text_tower"] is False
+
+
+def test_bad_input_exits_nonzero_with_message():
+    r = run("costs", "ViT-B-16,nonexistent", "--json", check=False)
+    assert r.returncode == 2 and "unknown model 'nonexistent'" in r.stderr and r.stdout == ""
+    r = run("costs", "ViT-B-16", "--m", "5x", check=False)
+    assert r.returncode == 2 and "comma-separated integers" in r.stderr

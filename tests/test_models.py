@@ -1,0 +1,93 @@
+"""Registries, loading from local checkpoints saved from random init, fingerprints, devices."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bicascade import models
+
+
+def test_builtin_ladders_registered():
+    ladders = {l.name: l for l in models.list_ladders()}
+    assert ladders["openclip-vit"].levels == ("ViT-B-16", "ViT-L-14", "ViT-g-14")
+    assert ladders["openclip-convnext"].levels == ("convnext_base_w", "convnext_large_d", "convnext_xxlarge")
+    assert models.get_model("ViT-g-14").pretrained == "laion2b_s34b_b88k"
+
+
+def test_unknown_names_list_known_ones():
+    with pytest.raises(models.UnknownNameError, match="openclip-vit"):
+        models.get_ladder("nope")
+    with pytest.raises(models.UnknownNameError, match="ViT-B-16"):
+        models.get_model("not-a-model")
+
+
+def test_cpu_precision_is_fp32():
+    dev, dtype = models.pick_device("cpu")
+    assert dev.type == "cpu" and dtype == torch.float32
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(1)
+    loaded = models.load_model("bc-test-vit", device="cpu", seed=1)
+    return models.save_checkpoint(loaded.model, tmp_path / "tiny.pt"), loaded
+
+
+def test_local_checkpoint_roundtrip(checkpoint):
+    path, original = checkpoint
+    spec = models.ModelSpec("tiny", "bc-test-vit", checkpoint=str(path))
+    loaded = models.load_model(spec, device="cpu")
+    images = [Image.new("RGB", (40, 30), c) for c in ("red", "blue")]
+    a, b = original.encode_images(images), loaded.encode_images(images)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert a.shape == (2, 32) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    t = loaded.encode_texts(["a red square", "a blue circle"])
+    assert t.shape == (2, 32)
+    assert loaded.fingerprint != original.fingerprint  # file weights vs random:1
+
+
+def test_fingerprint_tracks_weights(tmp_path, checkpoint):
+    path, loaded = checkpoint
+    spec = models.ModelSpec("tiny", "bc-test-vit", checkpoint=str(path))
+    fp1 = models.load_model(spec, device="cpu").fingerprint
+    with torch.no_grad():
+        loaded.model.logit_scale.add_(1.0)
+    models.save_checkpoint(loaded.model, tmp_path / "tiny2.pt")
+    fp2 = models.load_model(models.ModelSpec("tiny", "bc-test-vit", checkpoint=str(tmp_path / "tiny2.pt")),
+                            device="cpu").fingerprint
+    assert fp1 != fp2
+    assert models.load_model(spec, device="cpu").fingerprint == fp1
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        models.read_state_dict(tmp_path / "missing.pt")
+    bad = tmp_path / "pickled.pt"
+    torch.save({"x": object()}, bad)  # arbitrary pickles are refused by weights_only=True
+    with pytest.raises(Exception):
+        models.read_state_dict(bad)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"foo": torch.zeros(1)}, wrong)
+    with pytest.raises(ValueError, match="does not fit"):
+        models.load_model(models.ModelSpec("w", "bc-test-vit", checkpoint=str(wrong)), device="cpu")
+
+
+def test_pretrained_without_hub_fails_clearly(monkeypatch):
+    import open_clip
+
+    def offline(*a, pretrained=None, **k):
+        if pretrained:
+            raise RuntimeError("hub unreachable")
+        return orig(*a, **k)
+    orig = open_clip.create_model
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(RuntimeError, match="local `checkpoint`"):
+        models.load_model(models.ModelSpec("t", "bc-test-vit", pretrained="some_tag"), device="cpu")
+
+
+def test_saved_ladder_is_listed(checkpoint):
+    path, _ = checkpoint
+    spec = models.ModelSpec("tiny-a", "bc-test-vit", checkpoint=str(path))
+    models.save_ladder(models.Ladder("derived", ("tiny-a",), shared_text_tower=True), [spec])
+    models._LADDERS.pop("derived")  # a fresh process would only see the file
+    assert models.get_ladder("derived").shared_text_tower
