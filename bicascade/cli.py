@@ -63,10 +63,42 @@ def cmd_ladders(args: argparse.Namespace) -> None:
                                         for l in d["ladders"]))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    import time
+
+    from bicascade import models
+    from bicascade.pipelines import train
+
+    t0 = time.perf_counter()
+    ladder, root = train.ensure_ladder(args.ladder, args.world, device=args.device)
+    doc = {"ladder": ladder.name, "levels": list(ladder.levels), "world": str(root),
+           "checkpoints": [models.get_model(n).checkpoint for n in ladder.levels],
+           "seconds": round(time.perf_counter() - t0, 1)}
+    emit(args, doc, lambda d: f"ladder {d['ladder']} ready in {d['seconds']} s: " + " -> ".join(d["levels"]))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from bicascade.pipelines import evaluate, train
+
+    ladder, root = train.ensure_ladder(args.ladder, args.world, device=args.device)
+    if root is None:
+        raise ValueError(f"ladder {args.ladder!r} has no world of its own: pass --world DIR")
+    doc = evaluate.evaluate(root, ladder, cutoffs=args.m, p=args.p, device=args.device, db=args.db)
+    emit(args, doc, evaluate.format_table)
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from bicascade.pipelines import index
+
+    doc = index.run_index(args.source, args.db, args.ladder, index.IndexConfig(batch_size=args.batch_size))
+    emit(args, doc, lambda d: f"{d['rows']} rows in {d['table']} ({d['new_rows']} new, {d['errors']} errors, "
+                              f"{d['skipped']} skipped) in {d['seconds']} s, {d['images_per_s']} images/s")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from bicascade.pipelines import demo
 
-    doc = demo.run(workdir=args.workdir, serve=not args.no_serve)
+    doc = demo.run(workdir=args.workdir, ladder=args.ladder, serve=not args.no_serve)
     emit(args, doc, demo.format_summary)
 
 
@@ -90,7 +122,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ladders)
 
+    p = sub.add_parser("train", help="train (or reuse) a ladder of the synthetic world; cached and resumable")
+    p.add_argument("--ladder", default="synthetic", help="training profile: synthetic (default) or synthetic-tiny")
+    p.add_argument("--world", default=None, help="where the world is written (default: the user cache)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="Recall@1/5/10 per level and per cascade on the world's held-out captions")
+    p.add_argument("--db", default=None, help="LanceDB URI whose level-0 table (from `bicascade index`) level 0 "
+                                              "searches; without it every level embeds the test split in process")
+    p.add_argument("--ladder", default="synthetic", help="ladder to evaluate (default: synthetic, trained if needed)")
+    p.add_argument("--world", default=None, help="world directory (default: the ladder's own world)")
+    p.add_argument("--m", type=_ints, default=[50, 14], help="cutoffs of the full-depth cascade (default 50,14)")
+    p.add_argument("--p", type=float, default=0.1, help="p for F_life by Eq. 1 (default 0.1)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("index", help="embed a corpus with the ladder's cheapest level into LanceDB (resumable)")
+    p.add_argument("source", help="folder, parquet (bytes or paths), or webdataset .tar shards; local or s3://...")
+    p.add_argument("--db", required=True, help="LanceDB URI (folder or s3://bucket/path)")
+    p.add_argument("--ladder", default=None, help="ladder whose level 0 embeds the corpus (default: synthetic)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_index)
+
     p = sub.add_parser("demo", help="everything end to end on the embedded default world")
+    p.add_argument("--ladder", default="synthetic", help="ladder profile (default synthetic; synthetic-tiny is quick)")
     p.add_argument("--workdir", default="work", help="where the world, the db and reports go (default ./work)")
     p.add_argument("--no-serve", action="store_true", help="stop after the report instead of serving")
     p.add_argument("--json", action="store_true")

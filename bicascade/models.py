@@ -180,6 +180,18 @@ def fingerprint(spec: ModelSpec, preprocess_cfg: dict, seed: int | None = None) 
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@lru_cache(maxsize=64)
+def _describe_arch(arch: str) -> tuple[dict, int]:
+    with torch.device("meta"):
+        model = open_clip.create_model(arch, pretrained=None, device="meta")
+    return open_clip.get_model_preprocess_cfg(model), int(open_clip.get_model_config(arch)["embed_dim"])
+
+
+def describe(spec: ModelSpec) -> tuple[dict, int]:
+    """(preprocessing config, embedding dim) without loading weights: what CPU workers need to preprocess."""
+    return _describe_arch(spec.arch)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a local file, tensors only (`weights_only=True`)."""
     path = Path(path)

@@ -4,14 +4,17 @@ import subprocess
 import sys
 
 
+import pytest
+
+
 def run(*args, check=True):
     return subprocess.run([sys.executable, "-m", "bicascade.cli", *args], capture_output=True, text=True,
-                          check=check, timeout=300)
+                          check=check, timeout=600)
 
 
 def test_help_lists_subcommands():
     out = run("--help").stdout
-    for cmd in ("costs", "ladders", "demo"):
+    for cmd in ("costs", "ladders", "train", "eval", "demo"):
         assert cmd in out
 
 
@@ -37,3 +40,21 @@ def test_bad_input_exits_nonzero_with_message():
     assert r.returncode == 2 and "unknown model 'nonexistent'" in r.stderr and r.stdout == ""
     r = run("costs", "ViT-B-16", "--m", "5x", check=False)
     assert r.returncode == 2 and "comma-separated integers" in r.stderr
+
+
+def test_eval_unknown_ladder():
+    r = run("eval", "--ladder", "nope", "--json", check=False)
+    assert r.returncode == 2 and "unknown ladder 'nope'" in r.stderr and r.stdout == ""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_demo_json_contract(tmp_path):
+    r = run("demo", "--ladder", "synthetic-tiny", "--workdir", str(tmp_path), "--no-serve", "--json")
+    doc = json.loads(r.stdout)
+    assert set(doc) >= {"db", "index", "eval", "simulate"}
+    assert doc["eval"]["queries"] == 900 and len(doc["eval"]["levels"]) == 3
+    assert (tmp_path / "world" / "captions.parquet").exists()
+    assert doc["index"]["rows"] == 300 and doc["index"]["errors"] == 0
+    assert doc["eval"]["db"] == doc["db"]  # level 0 of the report is the indexed table
+    assert "step 3/4" in r.stderr  # progress goes to stderr, never stdout

@@ -1,0 +1,63 @@
+"""Build throughput: the full Ray Data index job vs a bare single-process decode+encode loop, same model, batch
+size and threads, on a generated corpus. Prints both and their ratio. Not a test.
+
+    python bench/build.py [--images 3000] [--ladder synthetic] [--batch-size 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from bicascade import models
+from bicascade.pipelines import index, sources, train, world
+
+
+def bare_loop(paths: list[str], spec: models.ModelSpec, batch_size: int, threads: int) -> float:
+    """Seconds to read, decode, preprocess and encode every image in one process."""
+    models.set_threads(threads)
+    t0 = time.perf_counter()
+    model = models.load_model(spec)
+    for i in range(0, len(paths), batch_size):
+        pixels = []
+        for p in paths[i:i + batch_size]:
+            data = Path(p).read_bytes()
+            sources.content_id(data)
+            pixels.append(model.preprocess(sources.to_rgb(sources.decode(data))))
+        model.encode_pixels(torch.stack(pixels))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--ladder", default="synthetic")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+    ladder, _ = train.ensure_ladder(args.ladder)
+    spec = models.get_model(ladder.levels[0])
+    tmp = Path(tempfile.mkdtemp(prefix="bicascade-bench-"))
+    try:
+        cfg = replace(world.WorldConfig(seed=7), train=0, val=0, test=args.images)
+        root = world.make_world(tmp / "world", cfg)
+        paths = [str(p) for p in sorted((root / "test").iterdir())]
+        bare = bare_loop(paths, spec, args.batch_size, torch.get_num_threads())
+        doc = index.run_index(str(root / "test"), str(tmp / "db"), args.ladder, index.IndexConfig(batch_size=args.batch_size))
+        job = len(paths) / doc["seconds"]
+        result = {"images": len(paths), "model": spec.name, "batch_size": args.batch_size,
+                  "threads": torch.get_num_threads(), "bare_images_per_s": round(len(paths) / bare, 1),
+                  "ray_job_images_per_s": round(job, 1), "ratio": round(job / (len(paths) / bare), 3)}
+        print(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Corpus sources (folder, parquet, webdataset tar; local or any pyarrow filesystem URI) and per-image decoding."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image, ImageFile
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs
+MAX_STORED_BYTES = 1 << 20  # originals above this are stored as a re-encoded JPEG (max side MAX_STORED_SIDE)
+MAX_STORED_SIDE = 1024
+BYTES_COLUMNS = ("image", "bytes", "jpg", "png", "img", "image_bytes")
+PATH_COLUMNS = ("uri", "path", "filepath", "file", "image_path", "url")
+CAPTION_COLUMNS = ("caption", "text", "txt")
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey image
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem for a local path or a URI (s3://, gs://, file://)."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), posixpath.abspath(uri)
+
+
+@dataclass
+class Source:
+    """A listed source: its kind and the units the pipeline reads (image files, parquet files or tar shards)."""
+
+    uri: str
+    kind: str  # "files" | "parquet" | "tar"
+    units: list[str]
+    scheme: str  # prefix that turns a filesystem path back into a URI ("" for local paths)
+
+
+def list_source(uri: str) -> Source:
+    fs, path = filesystem(uri)
+    scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"source does not exist: {uri}")
+    if info.type == pafs.FileType.File:
+        files = [path]
+    else:
+        files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                       if f.type == pafs.FileType.File)
+    lower = [f.lower() for f in files]
+    if any(f.endswith(".parquet") for f in lower):
+        return Source(uri, "parquet", [f for f in files if f.lower().endswith(".parquet")], scheme)
+    if any(f.endswith(".tar") for f in lower):
+        return Source(uri, "tar", [f for f in files if f.lower().endswith(".tar")], scheme)
+    return Source(uri, "files", [f for f, l in zip(files, lower) if l.endswith(IMAGE_EXTS)], scheme)
+
+
+def count_rows(source: Source) -> int | None:
+    """Rows a source will yield, when its metadata says so cheaply (parquet); None for tar shards."""
+    if source.kind == "files":
+        return len(source.units)
+    if source.kind == "parquet":
+        fs, _ = filesystem(source.uri)
+        return sum(pq.ParquetFile(fs.open_input_file(p)).metadata.num_rows for p in source.units)
+    return None
+
+
+def parquet_rows(source: Source, path: str) -> Iterator[dict[str, Any]]:
+    """Rows of one parquet file as {uri, bytes, caption, meta}; relative paths resolve against the file's folder."""
+    fs, _ = filesystem(source.uri)
+    pf = pq.ParquetFile(fs.open_input_file(path))
+    schema = pf.schema_arrow
+    names = schema.names
+    binary = {c for c in names if pa.types.is_binary(schema.field(c).type) or pa.types.is_large_binary(schema.field(c).type)}
+    bytes_col = next((c for c in BYTES_COLUMNS if c in binary), None)
+    path_col = next((c for c in PATH_COLUMNS if c in names), None)
+    if bytes_col is None and path_col is None:
+        raise ValueError(f"{path}: no image column; expected bytes in one of {BYTES_COLUMNS} or paths in {PATH_COLUMNS}")
+    cap_col = next((c for c in CAPTION_COLUMNS if c in names), None)
+    rest = [c for c in names if c not in (bytes_col, path_col, cap_col)]
+    base = posixpath.dirname(path)
+    offset = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        cols = batch.to_pydict()
+        for i in range(batch.num_rows):
+            ref = cols[path_col][i] if path_col else None
+            if ref and "://" not in ref and not posixpath.isabs(ref):
+                ref = posixpath.join(base, ref)
+            yield {"uri": source.scheme + ref if ref else f"{source.scheme}{path}#{offset + i}",
+                   "bytes": cols[bytes_col][i] if bytes_col else None,
+                   "caption": cols[cap_col][i] if cap_col else None,
+                   "meta": json.dumps({c: cols[c][i] for c in rest}, default=str) if rest else None}
+        offset += batch.num_rows
+
+
+def tar_rows(source: Source, path: str) -> Iterator[dict[str, Any]]:
+    """Samples of one webdataset shard: members sharing a key form a sample (image + .txt/.json)."""
+    fs, _ = filesystem(source.uri)
+    samples: dict[str, dict[str, Any]] = {}
+    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = posixpath.splitext(member.name)
+            data = tar.extractfile(member).read()
+            sample = samples.setdefault(key, {"uri": f"{source.scheme}{path}#{key}", "bytes": None,
+                                              "caption": None, "meta": None})
+            if ext.lower() in IMAGE_EXTS:
+                sample["bytes"] = data
+            elif ext.lower() in (".txt", ".caption"):
+                sample["caption"] = data.decode("utf-8", "replace").strip()
+            elif ext.lower() == ".json":
+                sample["meta"] = data.decode("utf-8", "replace")
+    for sample in samples.values():
+        if sample["bytes"] is None:
+            sample["bytes"] = b""  # a sample without an image: reported as an error downstream
+        yield sample
+
+
+def content_id(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB for every mode: CMYK, 16-bit, palette and alpha (composited on white) included; first frame of animations."""
+    im.seek(0)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, np.float64)
+        arr = arr / 257.0 if arr.max() > 255 else arr
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("LA", "RGBA", "La", "RGBa", "PA"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return im.convert("RGB")
+
+
+def decode(data: bytes) -> Image.Image:
+    """Decode fully (so truncation surfaces here), refusing decompression bombs."""
+    if not data:
+        raise ValueError("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(data))
+        if im.width * im.height > MAX_PIXELS:
+            raise ValueError(f"{im.width}x{im.height} exceeds {MAX_PIXELS} pixels (decompression bomb)")
+        im.load()
+    return im
+
+
+def stored_bytes(data: bytes, rgb: Image.Image) -> bytes:
+    """The original when small enough, else a capped JPEG re-encode."""
+    if len(data) <= MAX_STORED_BYTES:
+        return data
+    im = rgb.copy()
+    im.thumbnail((MAX_STORED_SIDE, MAX_STORED_SIDE))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90)
+    return buf.getvalue()

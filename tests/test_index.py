@@ -1,0 +1,211 @@
+"""The index job through real Ray Data + LanceDB: bad input, duplicates, resume after SIGKILL, new fingerprints."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from bicascade import models
+from bicascade.pipelines import index, sources, train
+from bicascade.storage import tables
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+LADDER = "synthetic-tiny"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster(tmp_path_factory):
+    old = os.environ.get("BICASCADE_CACHE")
+    os.environ["BICASCADE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    train.ensure_ladder(LADDER)  # trained once per module (seconds)
+    yield
+    ray.shutdown()
+    os.environ.pop("BICASCADE_CACHE") if old is None else os.environ.update(BICASCADE_CACHE=old)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache():  # the module shares one cache: the tiny ladder trains once
+    yield
+
+
+def picture(seed, size=(40, 30)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size[::-1], 3), dtype=np.uint8))
+
+
+def save(im, path, **kw):
+    im.save(path, **kw)
+    return path
+
+
+def bad_corpus(root):
+    root.mkdir()
+    good = [save(picture(i), root / f"good{i}.png") for i in range(6)]
+    save(picture(10), root / "photo.jpg", quality=90)
+    (root / "copy.png").write_bytes(good[0].read_bytes())  # the same image twice
+    (root / "empty.jpg").write_bytes(b"")
+    jpg = io.BytesIO()
+    picture(11, (200, 200)).save(jpg, "JPEG")
+    (root / "truncated.jpg").write_bytes(jpg.getvalue()[: len(jpg.getvalue()) // 2])
+    (root / "notes.jpg").write_text("this is not an image")
+    save(Image.new("1", (10000, 8000)), root / "bomb.png")  # 80 MP declared, a few KB on disk
+    save(picture(12).convert("CMYK"), root / "cmyk.jpg")
+    save(Image.fromarray((np.random.default_rng(13).integers(0, 65535, (30, 40))).astype(np.uint16)), root / "deep16.png")
+    save(picture(14).convert("P"), root / "palette.png")
+    frames = [picture(15 + i) for i in range(3)]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    la = picture(18).convert("LA")
+    save(la, root / "la.png")
+    rgba = picture(19).convert("RGBA")
+    rgba.putalpha(128)
+    save(rgba, root / "rgba.png")
+    (root / "sub").mkdir()
+    save(picture(20), root / "sub" / "nested.webp")
+    (root / "readme.txt").write_text("ignored: not an image extension")
+    return root
+
+
+def read(db_uri, name):
+    return lancedb.connect(db_uri).open_table(name).to_arrow().to_pylist()
+
+
+def test_bad_input_is_recorded_and_good_images_indexed(tmp_path):
+    corpus = bad_corpus(tmp_path / "corpus")
+    db = str(tmp_path / "db")
+    doc = index.run_index(str(corpus), db, LADDER)
+    good = {"good0.png", "good1.png", "good2.png", "good3.png", "good4.png", "good5.png", "photo.jpg", "cmyk.jpg",
+            "deep16.png", "palette.png", "anim.gif", "la.png", "rgba.png", "nested.webp"}
+    bad = {"empty.jpg", "truncated.jpg", "notes.jpg", "bomb.png"}
+    images = read(db, tables.IMAGES)
+    names = {os.path.basename(r["uri"]) for r in images}
+    assert names - {"good0.png", "copy.png"} == good - {"good0.png"}
+    assert len(names & {"good0.png", "copy.png"}) == 1  # the same bytes twice: one row, whichever came first
+    assert doc["rows"] == doc["new_rows"] == len(good) and doc["errors"] == len(bad)
+    assert len({r["id"] for r in images}) == len(images)
+    errors = {os.path.basename(r["uri"]): r for r in read(db, tables.ERRORS)}
+    assert set(errors) == bad
+    assert "empty" in errors["empty.jpg"]["error"] and "bomb" in errors["bomb.png"]["error"]
+    assert all(e["stage"] == "decode" and e["error"] for e in errors.values())
+    by_name = {os.path.basename(r["uri"]): r for r in images}
+    assert (by_name["anim.gif"]["width"], by_name["anim.gif"]["height"]) == (40, 30)
+    assert Image.open(io.BytesIO(by_name["cmyk.jpg"]["bytes"])).size == (40, 30)
+    vectors = np.array([r["vector"] for r in read(db, doc["table"])])
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
+    # rerun: nothing new, nothing re-encoded
+    again = index.run_index(str(corpus), db, LADDER)
+    assert (again["rows"], again["new_rows"], again["errors"]) == (len(good), 0, 0)
+    assert again["skipped"] == len(good) + 1 + len(bad)
+
+
+def test_vectors_match_the_model(tmp_path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    paths = [save(picture(i), corpus / f"{i}.png") for i in range(5)]
+    doc = index.run_index(str(corpus), str(tmp_path / "db"), LADDER)
+    rows = {r["id"]: np.array(r["vector"]) for r in read(str(tmp_path / "db"), doc["table"])}
+    model = models.load_model(models.get_model(train.level_names(train.PROFILES[LADDER])[0]), device="cpu")
+    expect = model.encode_images([Image.open(p) for p in paths])
+    for p, e in zip(paths, expect):
+        np.testing.assert_allclose(rows[sources.content_id(p.read_bytes())], e, atol=2e-3)  # fp16 pixels in transit
+    assert doc["table"] == tables.emb_table(model.fingerprint)
+
+
+def test_parquet_and_tar_sources(tmp_path):
+    imgs = [picture(i) for i in range(4)]
+    blobs = []
+    for im in imgs:
+        b = io.BytesIO()
+        im.save(b, "PNG")
+        blobs.append(b.getvalue())
+    pq.write_table(pa.table({"image": blobs, "caption": [f"cap {i}" for i in range(4)], "score": [0.1, 0.2, 0.3, 0.4]}),
+                   tmp_path / "bytes.parquet")
+    (tmp_path / "paths").mkdir()
+    for i, im in enumerate(imgs[:2]):
+        im.save(tmp_path / "paths" / f"{i}.png")
+    pq.write_table(pa.table({"path": ["0.png", "1.png", "missing.png"], "caption": ["a", "b", "c"]}),
+                   tmp_path / "paths" / "index.parquet")
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "000.tar", "w") as tar:
+        for i, blob in enumerate(blobs):
+            for name, data in ((f"s{i}.png", blob), (f"s{i}.txt", f"tar caption {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    db = str(tmp_path / "db")
+    d1 = index.run_index(str(tmp_path / "bytes.parquet"), db, LADDER)
+    assert (d1["rows"], d1["new_rows"]) == (4, 4)
+    rows = {r["caption"]: r for r in read(db, tables.IMAGES)}
+    assert json.loads(rows["cap 2"]["meta"]) == {"score": 0.3}
+    d2 = index.run_index(str(tmp_path / "paths"), db, LADDER)  # same bytes as two parquet rows: no new rows
+    assert (d2["new_rows"], d2["errors"]) == (0, 1)
+    assert [e["stage"] for e in read(db, tables.ERRORS)] == ["read"]
+    d3 = index.run_index(str(tmp_path / "shards"), db, LADDER)
+    assert d3["new_rows"] == 0 and d3["rows"] == 4
+
+
+def test_missing_and_empty_sources(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bicascade.cli", "index", str(tmp_path / "nope"), "--db",
+                        str(tmp_path / "db"), "--ladder", LADDER], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "source does not exist" in r.stderr
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="source has no images"):
+        index.run_index(str(tmp_path / "empty"), str(tmp_path / "db"), LADDER)
+
+
+@pytest.mark.slow
+def test_sigkill_midrun_then_resume(tmp_path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(600):
+        picture(i, (24, 24)).save(corpus / f"{i:04d}.png")
+    (corpus / "dup.png").write_bytes((corpus / "0000.png").read_bytes())
+    db = str(tmp_path / "db")
+    cmd = [sys.executable, "-c", "import sys; from bicascade.pipelines import index; "
+           "index.run_index(sys.argv[1], sys.argv[2], 'synthetic-tiny', index.IndexConfig(batch_size=16, flush_rows=32))",
+           str(corpus), db]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if os.path.isdir(os.path.join(db, f"{tables.SOURCES}.lance")) and len(read(db, tables.SOURCES)) >= 64:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray cluster
+    proc.wait(timeout=30)
+    partial = len(read(db, tables.SOURCES))
+    assert 0 < partial < 601, "the kill should land mid-run"
+    doc = index.run_index(str(corpus), db, LADDER)
+    ids = [r["id"] for r in read(db, tables.IMAGES)]
+    assert len(ids) == len(set(ids)) == 600 == doc["rows"]
+    emb = [r["id"] for r in read(db, doc["table"])]
+    assert len(emb) == len(set(emb)) == 600
+    assert doc["skipped"] >= partial - 32
+
+
+def test_new_level0_model_writes_a_new_table(tmp_path, monkeypatch):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(3):
+        picture(i).save(corpus / f"{i}.png")
+    db = str(tmp_path / "db")
+    first = index.run_index(str(corpus), db, LADDER)
+    spec = models.get_model(train.level_names(train.PROFILES[LADDER])[0])
+    loaded = models.load_model(spec, device="cpu")
+    import torch
+    with torch.no_grad():
+        loaded.model.visual.proj.mul_(-1)
+    ckpt = models.save_checkpoint(loaded.model, tmp_path / "changed.pt")
+    models.register_model(models.ModelSpec("changed", spec.arch, checkpoint=str(ckpt)))
+    models.register_ladder(models.Ladder("changed-ladder", ("changed",)))
+    second = index.run_index(str(corpus), db, "changed-ladder")
+    assert second["table"] != first["table"] and second["rows"] == 3
+    assert lancedb.connect(db).open_table(first["table"]).count_rows() == 3

@@ -1,0 +1,73 @@
+"""Ladder training: cached by config hash, resumable after SIGKILL, same samples for every level."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from bicascade import costs, models
+from bicascade.pipelines import train
+
+SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, torch
+    from pathlib import Path
+    from bicascade.pipelines import train
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (256, 32, 32, 3), dtype=np.uint8)
+    tokens = torch.from_numpy(rng.integers(1, 400, (256, 2, 32)))
+    cfg = train.TrainConfig(samples=int(sys.argv[2]), batch_size=32)
+    train.train_level("bc-tiny-s", pixels, tokens, cfg, Path(sys.argv[1]), device="cpu", save_every_s=0.0)
+""")
+
+
+def run_script(out, samples):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(out), str(samples)], stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    ref = tmp_path / "ref.pt"
+    assert run_script(ref, 3200).wait(timeout=300) == 0
+    out = tmp_path / "killed.pt"
+    proc = run_script(out, 3200)
+    state = out.with_suffix(".state")
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert state.exists() and not out.exists(), "the kill should land mid-training"
+    assert torch.load(state, weights_only=True)["step"] < 100
+    assert run_script(out, 3200).wait(timeout=300) == 0
+    assert out.exists() and not state.exists()
+    a, b = models.read_state_dict(ref), models.read_state_dict(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_tiny_ladder_cached_and_registered(monkeypatch):
+    ladder, root = train.ensure_ladder("synthetic-tiny")
+    assert ladder.levels == tuple(train.level_names(train.PROFILES["synthetic-tiny"]))
+    flops = [costs.image_gflops(n) for n in ladder.levels]
+    assert flops == sorted(flops) and len(set(flops)) == 3
+    monkeypatch.setattr(train, "train_level", lambda *a, **k: pytest.fail("second run must reuse the cache"))
+    again, _ = train.ensure_ladder("synthetic-tiny")
+    assert again == ladder
+    models._LADDERS.pop("synthetic-tiny")
+    assert models.get_ladder("synthetic-tiny").levels == ladder.levels  # persisted for other processes
+
+
+def test_default_profile_contract():
+    p = train.PROFILES["synthetic"]
+    flops = [costs.image_gflops(a) for a in p.archs]
+    assert len(flops) >= 3 and flops == sorted(flops) and flops[-1] / flops[0] >= 15
+    steps = [b / a for a, b in zip(flops, flops[1:])]
+    assert max(steps) / min(steps) < 1.5  # even FLOP steps
+    assert p.world.test >= 5000
+    assert train.level_digest(p, p.archs[0]) != train.level_digest(train.PROFILES["synthetic-tiny"], p.archs[0])
