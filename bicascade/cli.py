@@ -95,11 +95,43 @@ def cmd_index(args: argparse.Namespace) -> None:
                               f"{d['skipped']} skipped) in {d['seconds']} s, {d['images_per_s']} images/s")
 
 
+def cmd_search(args: argparse.Namespace) -> None:
+    from bicascade.actors import router
+    from bicascade.storage import tables
+
+    cascade, stores = router.local_cascade(args.db, args.ladder, args.m, device=args.device)
+    out = cascade.search(args.text, k=args.k)
+    for store in stores:
+        store.flush()
+    doc = router.to_json(out, tables.Database(args.db).uris([r.id for r in out.results]),
+                         [lv.name for lv in cascade.levels])
+    emit(args, doc, format_search)
+
+
+def format_search(doc: dict) -> str:
+    lines = [f"{i + 1:>3}. {r['score']:.4f}  {r['id']}  {r['uri']}" for i, r in enumerate(doc["results"])]
+    lines += [f"{s['model']}: {s['candidates']} candidates, {s['cache_hits']} cached, {s['encoded']} encoded, "
+              f"{s['ms']:.1f} ms" for s in doc["stats"]["levels"]]
+    return "\n".join(lines + [f"{doc['stats']['ms']:.1f} ms, {doc['stats']['gflops']:.3f} GFLOPs of image encoding"])
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from bicascade.serve import server
+    from bicascade.serve.app import AppConfig
+
+    server.serve_forever(AppConfig(db=args.db, ladder=args.ladder, cutoffs=args.m), host=args.host, port=args.port)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from bicascade.pipelines import demo
 
-    doc = demo.run(workdir=args.workdir, ladder=args.ladder, serve=not args.no_serve)
+    doc = demo.run(workdir=args.workdir, ladder=args.ladder)
     emit(args, doc, demo.format_summary)
+    if not args.no_serve:
+        from bicascade.serve import server
+        from bicascade.serve.app import AppConfig
+
+        server.serve_forever(AppConfig(db=doc["db"], ladder=doc["ladder"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="one cascaded query in process (no server); writes computed embeddings back")
+    p.add_argument("text")
+    p.add_argument("--db", required=True, help="LanceDB URI indexed by `bicascade index`")
+    p.add_argument("--ladder", default="synthetic")
+    p.add_argument("--m", type=_ints, default=[50, 14], help="cutoffs m_1,m_2,... (default 50,14)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="serve the cascade over HTTP with Ray Serve until Ctrl-C")
+    p.add_argument("--db", required=True, help="LanceDB URI indexed by `bicascade index`")
+    p.add_argument("--ladder", default="synthetic")
+    p.add_argument("--m", type=_ints, default=[50, 14], help="cutoffs m_1,m_2,... (default 50,14)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="everything end to end on the embedded default world")
     p.add_argument("--ladder", default="synthetic", help="ladder profile (default synthetic; synthetic-tiny is quick)")

@@ -68,6 +68,8 @@ def register_ladder(ladder: Ladder) -> Ladder:
 
 def get_model(name: str) -> ModelSpec:
     """A registered model, or a bare open_clip architecture (random weights unless a checkpoint is given)."""
+    if name not in _MODELS and not _loading_user_ladders:
+        load_user_ladders()  # another process may have trained it since
     if name in _MODELS:
         return _MODELS[name]
     if name in open_clip.list_models():
@@ -112,15 +114,23 @@ def save_ladder(ladder: Ladder, specs: Sequence[ModelSpec]) -> Path:
     return path
 
 
+_loading_user_ladders = False
+
+
 def load_user_ladders() -> None:
+    global _loading_user_ladders
     folder = cache_dir() / "ladders"
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        doc = json.loads(path.read_text())
-        for spec in doc.pop("models", []):
-            register_model(ModelSpec(**spec))
-        register_ladder(Ladder(name=doc["name"], levels=tuple(doc["levels"]),
-                               shared_text_tower=doc.get("shared_text_tower", False),
-                               description=doc.get("description", "")))
+    _loading_user_ladders = True
+    try:
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            doc = json.loads(path.read_text())
+            for spec in doc.pop("models", []):
+                register_model(ModelSpec(**spec))
+            register_ladder(Ladder(name=doc["name"], levels=tuple(doc["levels"]),
+                                   shared_text_tower=doc.get("shared_text_tower", False),
+                                   description=doc.get("description", "")))
+    finally:
+        _loading_user_ladders = False
 
 
 # The paper's ladders (Table 1), with their LAION-2B tags.

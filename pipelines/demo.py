@@ -10,8 +10,9 @@ from bicascade.pipelines import evaluate, index, train
 log = logging.getLogger("bicascade")
 
 
-def run(workdir: str | Path = "work", ladder: str = train.DEFAULT_LADDER, serve: bool = True) -> dict:
-    """Make the world, train or reuse the ladder, index the test pool, evaluate. Parts not built yet are null."""
+def run(workdir: str | Path = "work", ladder: str = train.DEFAULT_LADDER) -> dict:
+    """Make the world, train or reuse the ladder, index the test pool, evaluate (serving is the CLI's last step).
+    Parts not built yet are null."""
     workdir = Path(workdir)
     db = str(workdir / "db")
     log.info("step 1/4: the synthetic world and the %s ladder (cached after the first run)", ladder)
@@ -23,8 +24,6 @@ def run(workdir: str | Path = "work", ladder: str = train.DEFAULT_LADDER, serve:
     log.info("step 4/4: cost model of the paper's ladders (FLOPs counted on the real architectures)")
     paper = {name: costs.cascade_report(ladder_cascades(models.get_ladder(name).levels))
              for name in ("openclip-vit", "openclip-convnext")}
-    if serve:
-        log.info("serving the cascade over HTTP is not built yet; the demo ends here (db: %s)", db)
     return {"db": db, "world": str(root), "ladder": trained.name, "index": indexed, "eval": report,
             "simulate": None, "costs": paper}
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from bicascade import costs, models
-from bicascade.pipelines import sources, world
+from bicascade import costs, images, models
+from bicascade.pipelines import world
 from bicascade.storage import tables
 
 log = logging.getLogger("bicascade")
@@ -53,7 +53,7 @@ def recall(topk: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 def indexed_vectors(db_uri: str, loaded: models.LoadedModel, paths: Sequence[str]) -> np.ndarray:
     """Level-0 vectors of the test images as `bicascade index` stored them (matched by content id, like the job)."""
-    ids = [sources.content_id(Path(p).read_bytes()) for p in paths]
+    ids = [images.content_id(Path(p).read_bytes()) for p in paths]
     try:
         return tables.Database(db_uri).vectors(loaded.fingerprint, ids)
     except KeyError as e:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from bicascade import models
+from bicascade import images, models
 from bicascade.pipelines import sources
 from bicascade.storage import tables
 
@@ -48,6 +48,7 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[
 
     transform = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
     size = preprocess_cfg["size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)  # open_clip gives an int for ResNets
     out: dict[str, list] = {k: [] for k in ("uri", "id", "status", "stage", "error", "bytes", "width", "height",
                                             "caption", "meta", "pixels")}
     n = len(batch["uri"])
@@ -66,14 +67,14 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[
                     fs, path = sources.filesystem(uri)
                     with fs.open_input_file(path) as f:
                         data = f.read()
-                row["id"] = sources.content_id(data)
+                row["id"] = images.content_id(data)
                 if row["id"] in known:
                     row["status"] = "known"
                 else:
                     stage = "decode"
-                    rgb = sources.to_rgb(sources.decode(data))
+                    rgb = images.to_rgb(images.decode(data))
                     stage = "preprocess"
-                    row.update(bytes=sources.stored_bytes(data, rgb), width=rgb.width, height=rgb.height,
+                    row.update(bytes=images.stored_bytes(data, rgb), width=rgb.width, height=rgb.height,
                                pixels=transform(rgb).to(torch.float16).numpy())
         except Exception as e:  # noqa: BLE001 - every failure is recorded per image, with its stage
             row.update(status="error", stage=stage, error=f"{type(e).__name__}: {e}"[:500])
@@ -197,6 +198,7 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
         ds = ray.data.from_items(src.units).flat_map(lambda row, r=reader, s=src: list(r(s, row["item"])))
     writer = Writer(db, fingerprint, dim, set(known), run, config.flush_rows)
     writer.skipped = pre_skipped
+    startup: float | None = None  # seconds to the first encoded batch: worker start-up, imports, model loads
     bar = tqdm(total=total, initial=pre_skipped, desc="index", unit="img", mininterval=1)
     if total != pre_skipped:
         ds = ds.map_batches(decode_batch, batch_size=config.batch_size, num_cpus=0.5,
@@ -205,6 +207,7 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
                             compute=ray.data.ActorPoolStrategy(size=actors), batch_size=config.batch_size,
                             num_gpus=1 if gpus else 0, num_cpus=1)
         for batch in ds.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
+            startup = startup if startup is not None else time.perf_counter() - t0
             writer.add(batch)
             bar.update(len(batch["uri"]))
     writer.flush()
@@ -215,6 +218,7 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
     seconds = time.perf_counter() - t0
     doc = {"rows": rows, "new_rows": writer.new_rows, "errors": writer.error_count, "skipped": writer.skipped,
            "seconds": round(seconds, 2), "images_per_s": round(writer.new_rows / seconds, 2),
+           "startup_s": round(startup, 2) if startup is not None else None,
            "table_version": db.db.open_table(emb).version if db.has(emb) else 0,
            "table": emb, "model": name, "ann": plan.index_type if plan else "exact"}
     db.append(tables.RUNS, tables.RUNS_SCHEMA, [{"run": run, "source": source, "model": name, "fingerprint": fingerprint,

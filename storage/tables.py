@@ -65,7 +65,7 @@ class IndexPlan:
     refine_factor: int | None = None  # re-score refine_factor * k candidates on the full vectors
 
 
-def plan_index(rows: int, min_rows: int = 100_000, index_type: str = "IVF_FLAT") -> IndexPlan | None:
+def plan_index(rows: int, min_rows: int = 100_000, index_type: str = "IVF_SQ") -> IndexPlan | None:
     if rows < min_rows:
         return None
     partitions = max(16, int(math.sqrt(rows)))
@@ -111,18 +111,43 @@ class Database:
         done = {u for u, i in zip(ledger.column("uri").to_pylist(), ledger.column("id").to_pylist()) if i in embedded}
         return done | set(self.column(ERRORS, "uri"))
 
+    def lookup(self, name: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Stored vectors of those `ids` that `name` holds (opened afresh: sees other writers' commits)."""
+        if not ids or not self.has(name):
+            return {}
+        got = self.db.open_table(name).to_lance().to_table(columns=["id", "vector"], filter=pc.field("id").isin(list(ids)))
+        if not got.num_rows:
+            return {}
+        flat = got.column("vector").combine_chunks().flatten().to_numpy().reshape(got.num_rows, -1)
+        return dict(zip(got.column("id").to_pylist(), flat))
+
     def vectors(self, fingerprint: str, ids: Sequence[str]) -> np.ndarray:
         """The stored embeddings of `ids`, in that order; KeyError names how many are missing."""
         name = emb_table(fingerprint)
-        if not self.has(name):
-            raise KeyError(f"{self.uri} has no embedding table {name}")
-        got = self.db.open_table(name).to_lance().to_table(columns=["id", "vector"], filter=pc.field("id").isin(list(ids)))
-        row = {i: j for j, i in enumerate(got.column("id").to_pylist())}
-        missing = [i for i in ids if i not in row]
+        found = self.lookup(name, ids)
+        missing = [i for i in ids if i not in found]
         if missing:
             raise KeyError(f"{len(missing)} of {len(ids)} images are not in {self.uri}/{name}")
-        flat = got.column("vector").combine_chunks().flatten().to_numpy().reshape(got.num_rows, -1)
-        return flat[[row[i] for i in ids]]
+        return np.stack([found[i] for i in ids])
+
+    def has_vector_index(self, name: str) -> bool:
+        return any("vector" in ix.columns for ix in self.db.open_table(name).list_indices())
+
+    def count(self, name: str) -> int:
+        return self.db.open_table(name).count_rows() if self.has(name) else 0
+
+    def image_bytes(self, ids: Sequence[str]) -> dict[str, bytes]:
+        """Stored image bytes by id (take by id through the BTREE index)."""
+        if not ids or not self.has(IMAGES):
+            return {}
+        got = self.db.open_table(IMAGES).to_lance().to_table(columns=["id", "bytes"], filter=pc.field("id").isin(list(ids)))
+        return dict(zip(got.column("id").to_pylist(), got.column("bytes").to_pylist()))
+
+    def uris(self, ids: Sequence[str]) -> dict[str, str]:
+        if not ids or not self.has(IMAGES):
+            return {}
+        got = self.db.open_table(IMAGES).to_lance().to_table(columns=["id", "uri"], filter=pc.field("id").isin(list(ids)))
+        return dict(zip(got.column("id").to_pylist(), got.column("uri").to_pylist()))
 
     def ids(self, name: str) -> set[str]:
         return set(self.column(name, "id"))
@@ -146,7 +171,7 @@ class Database:
                 if table.count_rows() and "id" in table.schema.names:
                     table.create_index("id", config=BTree(), replace=True)
 
-    def build_ann(self, fingerprint: str, min_rows: int = 100_000, index_type: str = "IVF_FLAT") -> IndexPlan | None:
+    def build_ann(self, fingerprint: str, min_rows: int = 100_000, index_type: str = "IVF_SQ") -> IndexPlan | None:
         table = self.db.open_table(emb_table(fingerprint))
         plan = plan_index(table.count_rows(), min_rows, index_type)
         if plan:

@@ -1,4 +1,7 @@
-"""Shared fixtures: an isolated cache directory so tests never touch the user's checkpoints or ladders."""
+"""Shared fixtures: an isolated cache directory so tests never touch the user's checkpoints or ladders, and a
+tiny indexed corpus for the serving tests."""
+import os
+
 import pytest
 import torch
 
@@ -17,3 +20,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tiny_db(tmp_path_factory):
+    """The synthetic-tiny ladder's 300 test images indexed into a fresh db; the module shares its cache."""
+    import ray
+
+    from bicascade.pipelines import index, train
+
+    old = os.environ.get("BICASCADE_CACHE")
+    os.environ["BICASCADE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    _, root = train.ensure_ladder("synthetic-tiny")
+    db = str(tmp_path_factory.mktemp("db"))
+    try:
+        index.run_index(str(root / "test"), db, "synthetic-tiny")
+    finally:
+        ray.shutdown()
+    yield db
+    os.environ.pop("BICASCADE_CACHE") if old is None else os.environ.update(BICASCADE_CACHE=old)

@@ -14,7 +14,7 @@ def run(*args, check=True):
 
 def test_help_lists_subcommands():
     out = run("--help").stdout
-    for cmd in ("costs", "ladders", "train", "eval", "demo"):
+    for cmd in ("costs", "ladders", "train", "eval", "index", "search", "serve", "demo"):
         assert cmd in out
 
 

@@ -16,8 +16,8 @@ import pytest
 import ray
 from PIL import Image
 
-from bicascade import models
-from bicascade.pipelines import index, sources, train
+from bicascade import images, models
+from bicascade.pipelines import index, train
 from bicascade.storage import tables
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -107,6 +107,16 @@ def test_bad_input_is_recorded_and_good_images_indexed(tmp_path):
     assert again["skipped"] == len(good) + 1 + len(bad)
 
 
+@pytest.mark.parametrize("size", [32, (32, 32)])
+def test_decode_batch_pads_bad_rows_to_the_model_size(tmp_path, size):
+    # open_clip reports an int size for ResNet towers (the default ladder) and a pair for ViTs
+    save(picture(1), tmp_path / "ok.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    cfg = {**models.describe(models.get_model(train.level_names(train.PROFILES[LADDER])[0]))[0], "size": size}
+    out = index.decode_batch({"uri": np.array([str(tmp_path / "ok.png"), str(tmp_path / "bad.jpg")])}, cfg, set(), set())
+    assert out["pixels"].shape == (2, 3, 32, 32) and list(out["status"]) == ["new", "error"]
+
+
 def test_vectors_match_the_model(tmp_path):
     corpus = tmp_path / "c"
     corpus.mkdir()
@@ -116,7 +126,7 @@ def test_vectors_match_the_model(tmp_path):
     model = models.load_model(models.get_model(train.level_names(train.PROFILES[LADDER])[0]), device="cpu")
     expect = model.encode_images([Image.open(p) for p in paths])
     for p, e in zip(paths, expect):
-        np.testing.assert_allclose(rows[sources.content_id(p.read_bytes())], e, atol=2e-3)  # fp16 pixels in transit
+        np.testing.assert_allclose(rows[images.content_id(p.read_bytes())], e, atol=2e-3)  # fp16 pixels in transit
     assert doc["table"] == tables.emb_table(model.fingerprint)
 
 

@@ -1,5 +1,4 @@
 """Ladder training: cached by config hash, resumable after SIGKILL, same samples for every level."""
-import os
 import signal
 import subprocess
 import sys

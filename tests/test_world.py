@@ -1,6 +1,5 @@
 """The synthetic world: deterministic, captions bind every attribute, splits disjoint, near-duplicate groups."""
 import hashlib
-import json
 from dataclasses import replace
 
 import numpy as np

@@ -1,0 +1,143 @@
+"""The cascade served through real Ray Serve over HTTP on 127.0.0.1, against the in-process search on a tiny ladder."""
+import concurrent.futures as cf
+import json
+import socket
+
+import pytest
+import requests
+from ray import serve
+
+from bicascade.actors import router
+from bicascade.serve import server
+from bicascade.serve.app import AppConfig
+from bicascade.storage import tables
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+LADDER = "synthetic-tiny"
+QUERIES = ["a red circle", "two blue squares side by side", "a small green star above a striped triangle"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache():  # the module shares one cache and one db
+    yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_db):
+    return tiny_db
+
+
+@pytest.fixture(scope="module")
+def local_results(corpus):
+    """The in-process cascade, before the server starts (then exactly one writer per cache table at a time)."""
+    cascade, stores = router.local_cascade(corpus, LADDER, [50, 14], device="cpu")
+    out = {q: cascade.search(q, k=10) for q in QUERIES}
+    for store in stores:
+        store.flush()
+    return out
+
+
+@pytest.fixture(scope="module")
+def url(corpus):
+    url = server.start(AppConfig(db=corpus, ladder=LADDER), port=free_port())
+    yield url
+    server.stop()
+
+
+def post(url, body, **kw):
+    return requests.post(f"{url}/search", json=body, timeout=120, **kw)
+
+
+def encoded(level: int) -> int:
+    return serve.get_deployment_handle(f"Encoder{level}", "bicascade").info.remote().result()["encoded"]
+
+
+def test_http_equals_in_process_search(local_results, url):
+    for q, want in local_results.items():
+        got = post(url, {"query": q, "k": 10}).json()
+        assert [r["id"] for r in got["results"]] == [r.id for r in want.results]
+        assert [r["score"] for r in got["results"]] == pytest.approx([r.score for r in want.results], abs=1e-4)
+        assert all(r["uri"].endswith(".jpg") or r["uri"].endswith(".png") for r in got["results"])
+
+
+def test_repeated_query_hits_the_cache(url):
+    q = {"query": "a large yellow hexagon", "k": 5}
+    first = post(url, q).json()["stats"]["levels"]
+    assert [lv["candidates"] for lv in first] == [50, 50, 14]
+    again = post(url, q).json()
+    for lv in again["stats"]["levels"][1:]:
+        assert lv["cache_hits"] == lv["candidates"] and lv["encoded"] == 0
+    assert again["stats"]["gflops"] == 0
+    assert all(all(step["cached"] for step in r["levels"][1:]) for r in again["results"])
+
+
+def test_concurrent_identical_cold_queries_encode_once(url):
+    before = [encoded(j) for j in (1, 2)]
+    q = {"query": "three purple crosses in a column", "k": 10}
+    with cf.ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda _: post(url, q), range(8)))
+    assert all(r.status_code == 200 for r in outs)
+    assert len({json.dumps([x["id"] for x in r.json()["results"]]) for r in outs}) == 1
+    spent = [encoded(j) - b for j, b in zip((1, 2), before)]
+    assert spent[0] <= 50 and spent[1] <= 14  # each candidate image encoded at most once per level
+
+
+@pytest.mark.parametrize("body, status", [
+    ({}, 422), ({"query": ""}, 422), ({"query": "   "}, 422), ({"query": "x" * 1001}, 422),
+    ({"query": "a", "k": 0}, 422), ({"query": "a", "k": 15}, 422), ({"query": "a", "k": "5"}, 422),
+    ({"query": 5}, 422), ({"query": ["a"]}, 422), ({"query": "a", "k": 2.5}, 422), ({"query": "a", "x": 1}, 422),
+])
+def test_bad_requests_are_4xx_json(url, body, status):
+    r = post(url, body)
+    assert r.status_code == status and "error" in r.json()
+
+
+def test_non_json_oversized_and_ids(url):
+    r = requests.post(f"{url}/search", data="{not json", headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 422 and "error" in r.json()
+    r = requests.post(f"{url}/search", data="x" * 100_000, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "error" in r.json()
+    for bad in ("..%2F..%2Fetc%2Fpasswd", "a.b", "%2e%2e"):
+        r = requests.get(f"{url}/images/{bad}", timeout=30)
+        assert 400 <= r.status_code < 500 and "error" in r.json()
+    assert requests.get(f"{url}/images/{'0' * 32}", timeout=30).status_code == 404
+    hit = post(url, {"query": "a red circle", "k": 1}).json()["results"][0]
+    img = requests.get(f"{url}/images/{hit['id']}", timeout=30)
+    assert img.status_code == 200 and img.headers["content-type"].startswith("image/")
+
+
+def test_health_and_stats(url, corpus):
+    assert requests.get(f"{url}/healthz", timeout=30).json() == {"ok": True}
+    serve.get_app_handle("bicascade").options(method_name="flush").remote().result()
+    stats = requests.get(f"{url}/stats", timeout=30).json()
+    assert stats["rows"] == 300 and stats["levels"][0]["coverage"] == 1.0
+    assert 0 < stats["levels"][1]["coverage"] < 1 and stats["cost_ratio"] > 1
+    # written back once per id, in the fingerprinted cache tables
+    db = tables.Database(corpus)
+    for info in router.ladder_levels(LADDER)[1:]:
+        ids = db.column(tables.emb_table(info.fingerprint), "id")
+        assert len(ids) == len(set(ids)) == stats["levels"][router.ladder_levels(LADDER).index(info)]["cached"]
+
+
+
+def test_config_yaml_is_a_valid_serve_config_for_the_app():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from bicascade.serve import app
+
+    doc = ServeDeploySchema.model_validate(yaml.safe_load(app.CONFIG_YAML.read_text()))
+    spec = doc.applications[0]
+    assert spec.import_path == "bicascade.serve.app:app_builder"
+    names = {d.name for d in spec.deployments}
+    assert names == {"Api", "Router", "Encoder0", "Encoder1", "Encoder2"}
+    for d in spec.deployments:
+        scaling = dict(d.autoscaling_config)
+        assert scaling["max_replicas"] > scaling["min_replicas"] >= 1
+        assert d.max_queued_requests > 0 and d.ray_actor_options.num_cpus < 1  # fits on 2 cores
