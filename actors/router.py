@@ -122,9 +122,9 @@ def to_json(out: SearchOutput, uris: dict[str, str], level_names: Sequence[str])
 class Router:
     """Algorithm 1 over Encoder handles: level-0 ANN in LanceDB, per-level caches, batched misses, write-back."""
 
-    def __init__(self, db: str, ladder: str, cutoffs: list[int], encoders: list) -> None:
+    def __init__(self, db: str, infos: list[LevelInfo], cutoffs: list[int], encoders: list) -> None:
         self.db_uri, self.db = db, tables.Database(db)
-        self.infos = ladder_levels(ladder)
+        self.infos = infos  # computed by the driver: a replica on another node needs no model registry
         self.encoders = encoders
         self.index = cache.CorpusTable(self.db, self.infos[0].fingerprint)
         self.writers = [writer_for(db, info) for info in self.infos[1:]]
@@ -135,7 +135,8 @@ class Router:
         levels = [Level(self.infos[0].name, self._text(0), self._images(0), gflops=self.infos[0].gflops)]
         for j, (info, store) in enumerate(zip(self.infos[1:], self.stores), start=1):
             levels.append(Level(info.name, self._text(j), self._images(j), cache=store, gflops=info.gflops))
-        self.cascade = Cascade(self.index, levels, cutoffs)
+        # the full cascade and the shallower ones over the same levels and caches (`levels: 1` is level 0 alone)
+        self.by_depth = {d: Cascade(self.index, levels[:d], cutoffs[:d - 1]) for d in range(1, len(levels) + 1)}
         self.queries = 0
 
     def _text(self, j: int) -> Callable[[list[str]], np.ndarray]:
@@ -145,10 +146,11 @@ class Router:
         call = lambda ids: self.encoders[j].encode_images.remote(ids).result()  # noqa: E731
         return lambda ids: self.inflight[j - 1].encode(ids, call) if j else call(ids)
 
-    def search(self, query: str, k: int) -> dict:
+    def search(self, query: str, k: int, depth: int | None = None) -> dict:
+        cascade = self.by_depth[depth or len(self.infos)]
         # every level's text embedding at once: one round trip of latency, not one per level
-        pending = [e.encode_texts.remote(query) for e in self.encoders]
-        out = self.cascade.search(query, k, text=[p.result() for p in pending])
+        pending = [e.encode_texts.remote(query) for e in self.encoders[:len(cascade.levels)]]
+        out = cascade.search(query, k, text=[p.result() for p in pending])
         self.queries += 1
         return to_json(out, self.db.uris([r.id for r in out.results]), [i.name for i in self.infos])
 
@@ -163,7 +165,7 @@ class Router:
         cached = [s.rows() for s in self.stores]
         spent = rows * self.infos[0].gflops + sum(c * i.gflops for c, i in zip(cached, self.infos[1:]))
         full = rows * self.infos[-1].gflops
-        return {"rows": rows, "queries": self.queries, "cutoffs": self.cascade.cutoffs,
+        return {"rows": rows, "queries": self.queries, "cutoffs": self.by_depth[len(self.infos)].cutoffs,
                 "levels": [{"model": self.infos[0].name, "cached": rows, "coverage": 1.0}]
                 + [{"model": i.name, "cached": c, "coverage": c / rows if rows else 0.0}
                    for i, c in zip(self.infos[1:], cached)],

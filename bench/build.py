@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--ladder", default="synthetic")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()
-    ladder, _ = train.ensure_ladder(args.ladder)
+    ladder, _ = train.ensure_ladder(args.ladder, with_world=False)
     spec = models.get_model(ladder.levels[0])
     tmp = Path(tempfile.mkdtemp(prefix="bicascade-bench-"))
     try:

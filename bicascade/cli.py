@@ -119,7 +119,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from bicascade.serve import server
     from bicascade.serve.app import AppConfig
 
-    server.serve_forever(AppConfig(db=args.db, ladder=args.ladder, cutoffs=args.m), host=args.host, port=args.port)
+    server.serve_forever(AppConfig(db=args.db, ladder=args.ladder, cutoffs=args.m, max_inflight=args.max_inflight),
+                         host=args.host, port=args.port)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", type=_ints, default=[50, 14], help="cutoffs m_1,m_2,... (default 50,14)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-inflight", type=int, default=64,
+                   help="searches in flight per ingress replica before answering 503 + Retry-After (default 64)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="everything end to end on the embedded default world")

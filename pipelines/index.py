@@ -169,7 +169,7 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
     src = sources.list_source(source)
     if not src.units:
         raise ValueError(f"source has no images ({', '.join(sources.IMAGE_EXTS)}), parquet or .tar files: {source}")
-    name = train.ensure_ladder(ladder or train.DEFAULT_LADDER)[0].levels[0]
+    name = train.ensure_ladder(ladder or train.DEFAULT_LADDER, with_world=False)[0].levels[0]
     spec = models.get_model(name)
     pp_cfg, dim = models.describe(spec)
     fingerprint = models.fingerprint(spec, pp_cfg)

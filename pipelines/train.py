@@ -143,9 +143,10 @@ def level_names(profile: Profile) -> list[str]:
     return [f"{profile.name}-{a.split('-')[-1]}" for a in profile.archs]
 
 
-def ensure_ladder(name: str = DEFAULT_LADDER, world_root: str | Path | None = None,
-                  device: str | None = None) -> tuple[models.Ladder, Path]:
-    """The trained ladder `name` and its world: reuse cached checkpoints, train what is missing."""
+def ensure_ladder(name: str = DEFAULT_LADDER, world_root: str | Path | None = None, device: str | None = None,
+                  with_world: bool = True) -> tuple[models.Ladder, Path | None]:
+    """The trained ladder `name` and its world: reuse cached checkpoints, train what is missing. With
+    `with_world=False` a fully cached ladder comes back without (re)writing its world (root None)."""
     if name not in PROFILES:
         return models.get_ladder(name), Path(world_root) if world_root else None
     profile = PROFILES[name]
@@ -154,8 +155,10 @@ def ensure_ladder(name: str = DEFAULT_LADDER, world_root: str | Path | None = No
     targets = [ckpt_dir / f"{a}-{level_digest(profile, a)}.pt" for a in profile.archs]
     with open(ckpt_dir / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per cache: a second process waits, then reuses the result
-        root = world.make_world(world_root or models.cache_dir() / "worlds" / profile.world.digest(), profile.world)
-        _train_missing(name, profile, root, targets, device)
+        root = None
+        if with_world or not all(t.exists() for t in targets):
+            root = world.make_world(world_root or models.cache_dir() / "worlds" / profile.world.digest(), profile.world)
+            _train_missing(name, profile, root, targets, device)
     specs = [models.ModelSpec(n, a, checkpoint=str(t)) for n, a, t in zip(level_names(profile), profile.archs, targets)]
     ladder = models.Ladder(name, tuple(s.name for s in specs), description=f"trained on world {profile.world.digest()}")
     models.save_ladder(ladder, specs)

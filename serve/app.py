@@ -16,7 +16,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from bicascade.actors.encoder import Encoder
-from bicascade.actors.router import Router
+from bicascade.actors.router import Router, ladder_levels
 
 MAX_QUERY_CHARS = 1000
 MAX_BODY_BYTES = 16 * 1024
@@ -30,12 +30,14 @@ class AppConfig:
     ladder: str = "synthetic"
     cutoffs: list[int] = field(default_factory=lambda: [50, 14])
     encoder_threads: int = 1
+    max_inflight: int = 64  # searches per ingress replica before it answers 503 + Retry-After (autoscaling adds replicas)
 
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     query: StrictStr = Field(min_length=1, max_length=MAX_QUERY_CHARS)
     k: StrictInt = 10
+    levels: StrictInt | None = None  # cascade depth: 1 = level 0 alone; default the whole ladder
 
 
 api = FastAPI(title="bicascade", description="Text-to-image search with a bi-encoder cascade")
@@ -76,16 +78,27 @@ def _media_type(data: bytes) -> str:
 @serve.deployment  # options (autoscaling, queues, resources): serve/config.yaml
 @serve.ingress(api)
 class Api:
-    def __init__(self, router: DeploymentHandle, max_k: int) -> None:
-        self.router, self.max_k = router, max_k
+    def __init__(self, router: DeploymentHandle, cutoffs: list[int], max_inflight: int) -> None:
+        self.router, self.cutoffs, self.max_inflight = router, cutoffs, max_inflight
+        self.inflight = 0
 
     @api.post("/search")
     async def search(self, req: SearchRequest) -> JSONResponse:
         if not req.query.strip():
             return error(422, "query: must not be blank")
-        if not 1 <= req.k <= self.max_k:
-            return error(422, f"k: must be between 1 and the last cutoff {self.max_k}, got {req.k}")
-        return JSONResponse(await self.router.search.remote(req.query, req.k))
+        depth = len(self.cutoffs) + 1 if req.levels is None else req.levels
+        if not 1 <= depth <= len(self.cutoffs) + 1:
+            return error(422, f"levels: must be between 1 and {len(self.cutoffs) + 1}, got {depth}")
+        max_k = self.cutoffs[max(0, depth - 2)]  # the last cutoff of that depth (m_1 for level 0 alone)
+        if not 1 <= req.k <= max_k:
+            return error(422, f"k: must be between 1 and the last cutoff {max_k}, got {req.k}")
+        if self.inflight >= self.max_inflight:  # shed load early: a bounded wait beats an unbounded queue
+            return error(503, f"overloaded: {self.inflight} searches in flight", {"Retry-After": "1"})
+        self.inflight += 1
+        try:
+            return JSONResponse(await self.router.search.remote(req.query, req.k, depth))
+        finally:
+            self.inflight -= 1
 
     @api.get("/images/{image_id}")
     async def image(self, image_id: str) -> Response:
@@ -129,8 +142,9 @@ def build(config: AppConfig) -> serve.Application:
     deepest = opts[max(n for n in opts if n.startswith("Encoder"))]  # for ladders deeper than the YAML's
     encoders = [Encoder.options(name=f"Encoder{j}", **opts.get(f"Encoder{j}", deepest))
                 .bind(models.get_model(name), config.db, config.encoder_threads) for j, name in enumerate(levels)]
-    router = Router.options(**opts["Router"]).bind(config.db, config.ladder, list(config.cutoffs), encoders)
-    return Api.options(**opts["Api"]).bind(router, config.cutoffs[-1])
+    infos = ladder_levels(config.ladder)
+    router = Router.options(**opts["Router"]).bind(config.db, infos, list(config.cutoffs), encoders)
+    return Api.options(**opts["Api"]).bind(router, list(config.cutoffs), config.max_inflight)
 
 
 def app_builder(args: dict) -> serve.Application:

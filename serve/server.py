@@ -22,16 +22,18 @@ def connect() -> None:
         ray.init(include_dashboard=False, log_to_driver=False, namespace="bicascade", **kwargs)
 
 
-def deploy(config: AppConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
+def deploy(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "bicascade",
+           route_prefix: str = "/") -> str:
     """Deploy the app and return its URL once every deployment is healthy."""
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build(config), name="bicascade", route_prefix="/")
-    return f"http://{host}:{port}"
+    serve.run(build(config), name=name, route_prefix=route_prefix)
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
-def start(config: AppConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
+def start(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "bicascade",
+          route_prefix: str = "/") -> str:
     connect()
-    return deploy(config, host, port)
+    return deploy(config, host, port, name, route_prefix)
 
 
 def stop() -> None:

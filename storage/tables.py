@@ -111,11 +111,15 @@ class Database:
         done = {u for u, i in zip(ledger.column("uri").to_pylist(), ledger.column("id").to_pylist()) if i in embedded}
         return done | set(self.column(ERRORS, "uri"))
 
-    def lookup(self, name: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
-        """Stored vectors of those `ids` that `name` holds (opened afresh: sees other writers' commits)."""
+    def take(self, name: str, ids: Sequence[str], columns: list[str]) -> pa.Table:
+        """Rows of `ids` (those that exist), opened afresh so other writers' commits are seen; BTREE on id."""
         if not ids or not self.has(name):
-            return {}
-        got = self.db.open_table(name).to_lance().to_table(columns=["id", "vector"], filter=pc.field("id").isin(list(ids)))
+            return pa.table({c: [] for c in columns})
+        return self.db.open_table(name).to_lance().to_table(columns=columns, filter=pc.field("id").isin(list(ids)))
+
+    def lookup(self, name: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Stored vectors of those `ids` that `name` holds."""
+        got = self.take(name, ids, ["id", "vector"])
         if not got.num_rows:
             return {}
         flat = got.column("vector").combine_chunks().flatten().to_numpy().reshape(got.num_rows, -1)
@@ -137,16 +141,11 @@ class Database:
         return self.db.open_table(name).count_rows() if self.has(name) else 0
 
     def image_bytes(self, ids: Sequence[str]) -> dict[str, bytes]:
-        """Stored image bytes by id (take by id through the BTREE index)."""
-        if not ids or not self.has(IMAGES):
-            return {}
-        got = self.db.open_table(IMAGES).to_lance().to_table(columns=["id", "bytes"], filter=pc.field("id").isin(list(ids)))
+        got = self.take(IMAGES, ids, ["id", "bytes"])
         return dict(zip(got.column("id").to_pylist(), got.column("bytes").to_pylist()))
 
     def uris(self, ids: Sequence[str]) -> dict[str, str]:
-        if not ids or not self.has(IMAGES):
-            return {}
-        got = self.db.open_table(IMAGES).to_lance().to_table(columns=["id", "uri"], filter=pc.field("id").isin(list(ids)))
+        got = self.take(IMAGES, ids, ["id", "uri"])
         return dict(zip(got.column("id").to_pylist(), got.column("uri").to_pylist()))
 
     def ids(self, name: str) -> set[str]:

@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated cache directory so tests never touch the user's checkpoints or ladders, and a
 tiny indexed corpus for the serving tests."""
 import os
+import socket
 
 import pytest
 import torch
@@ -39,3 +40,13 @@ def tiny_db(tmp_path_factory):
         ray.shutdown()
     yield db
     os.environ.pop("BICASCADE_CACHE") if old is None else os.environ.update(BICASCADE_CACHE=old)
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function giving a port free on 127.0.0.1 right now (servers bind 127.0.0.1 only)."""
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    return pick

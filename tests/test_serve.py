@@ -1,7 +1,6 @@
 """The cascade served through real Ray Serve over HTTP on 127.0.0.1, against the in-process search on a tiny ladder."""
 import concurrent.futures as cf
 import json
-import socket
 
 import pytest
 import requests
@@ -15,12 +14,6 @@ from bicascade.storage import tables
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 LADDER = "synthetic-tiny"
 QUERIES = ["a red circle", "two blue squares side by side", "a small green star above a striped triangle"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +37,7 @@ def local_results(corpus):
 
 
 @pytest.fixture(scope="module")
-def url(corpus):
+def url(corpus, free_port):
     url = server.start(AppConfig(db=corpus, ladder=LADDER), port=free_port())
     yield url
     server.stop()
@@ -77,6 +70,13 @@ def test_repeated_query_hits_the_cache(url):
     assert all(all(step["cached"] for step in r["levels"][1:]) for r in again["results"])
 
 
+def test_level0_alone_on_request(url):
+    out = post(url, {"query": "a red circle", "k": 50, "levels": 1}).json()
+    assert len(out["results"]) == 50 and [lv["candidates"] for lv in out["stats"]["levels"]] == [50]
+    two = post(url, {"query": "a red circle", "k": 10, "levels": 2}).json()
+    assert [lv["candidates"] for lv in two["stats"]["levels"]] == [50, 50]
+
+
 def test_concurrent_identical_cold_queries_encode_once(url):
     before = [encoded(j) for j in (1, 2)]
     q = {"query": "three purple crosses in a column", "k": 10}
@@ -91,6 +91,7 @@ def test_concurrent_identical_cold_queries_encode_once(url):
 @pytest.mark.parametrize("body, status", [
     ({}, 422), ({"query": ""}, 422), ({"query": "   "}, 422), ({"query": "x" * 1001}, 422),
     ({"query": "a", "k": 0}, 422), ({"query": "a", "k": 15}, 422), ({"query": "a", "k": "5"}, 422),
+    ({"query": "a", "levels": 0}, 422), ({"query": "a", "levels": 4}, 422), ({"query": "a", "levels": 1, "k": 51}, 422),
     ({"query": 5}, 422), ({"query": ["a"]}, 422), ({"query": "a", "k": 2.5}, 422), ({"query": "a", "x": 1}, 422),
 ])
 def test_bad_requests_are_4xx_json(url, body, status):
@@ -141,3 +142,4 @@ def test_config_yaml_is_a_valid_serve_config_for_the_app():
         scaling = dict(d.autoscaling_config)
         assert scaling["max_replicas"] > scaling["min_replicas"] >= 1
         assert d.max_queued_requests > 0 and d.ray_actor_options.num_cpus < 1  # fits on 2 cores
+

@@ -1,8 +1,8 @@
 """`bicascade serve` as a user runs it: a subprocess with its own Ray cluster, stopped by SIGTERM."""
+import concurrent.futures as cf
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +19,6 @@ def isolated_cache():  # the module shares tiny_db's cache
     yield
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_healthy(url: str, proc, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -38,7 +32,7 @@ def wait_healthy(url: str, proc, timeout: float = 240) -> None:
     raise TimeoutError(url)
 
 
-def test_serve_command_stops_cleanly_and_the_cache_survives_a_restart(tiny_db):
+def test_serve_command_stops_cleanly_and_the_cache_survives_a_restart(tiny_db, free_port):
     corpus = tiny_db
     q = {"query": "two small orange diamonds in a row", "k": 5}
     runs = []
@@ -78,3 +72,27 @@ def test_search_command_in_process(tiny_db):
     r = subprocess.run([sys.executable, "-m", "bicascade.cli", "search", "x", "--db", tiny_db, "--ladder", LADDER,
                         "--k", "20"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "k=20 exceeds the last cutoff" in r.stderr
+
+
+def test_overload_gets_503_with_retry_after_then_recovers(tiny_db, free_port):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", tiny_db, "--ladder", LADDER,
+                             "--port", str(port), "--max-inflight", "2"], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        wait_healthy(url, proc)
+        bodies = [{"query": f"{n} {colour} {shape}s", "k": 10} for n in ("one", "two", "three")
+                  for colour in ("green", "pink") for shape in ("circle", "square", "star")]
+        with cf.ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: requests.post(f"{url}/search", json=b, timeout=120), bodies))
+        shed = [r for r in answers if r.status_code == 503]
+        assert shed and all(r.headers.get("Retry-After") == "1" and "overloaded" in r.json()["error"] for r in shed)
+        assert all(r.status_code in (200, 503) for r in answers) and len(shed) < len(answers)
+        again = requests.post(f"{url}/search", json=bodies[0], timeout=120)  # recovered without a restart
+        assert again.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

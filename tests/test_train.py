@@ -1,4 +1,5 @@
 """Ladder training: cached by config hash, resumable after SIGKILL, same samples for every level."""
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +59,8 @@ def test_tiny_ladder_cached_and_registered(monkeypatch):
     monkeypatch.setattr(train, "train_level", lambda *a, **k: pytest.fail("second run must reuse the cache"))
     again, _ = train.ensure_ladder("synthetic-tiny")
     assert again == ladder
+    shutil.rmtree(root)  # a fully cached ladder does not need its world back (e.g. for indexing)
+    assert train.ensure_ladder("synthetic-tiny", with_world=False) == (ladder, None) and not root.exists()
     models._LADDERS.pop("synthetic-tiny")
     assert models.get_ladder("synthetic-tiny").levels == ladder.levels  # persisted for other processes
 
