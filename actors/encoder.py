@@ -5,6 +5,7 @@ import asyncio
 import logging
 
 import numpy as np
+import ray
 from ray import serve
 
 from bicascade import images, models
@@ -48,4 +49,4 @@ class Encoder:
 
     def info(self) -> dict:
         return {"model": self.model.spec.name, "fingerprint": self.model.fingerprint, "dim": self.model.dim,
-                "encoded": self.encoded}
+                "encoded": self.encoded, "node": ray.get_runtime_context().get_node_id()}

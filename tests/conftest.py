@@ -2,6 +2,7 @@
 tiny indexed corpus for the serving tests."""
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -50,3 +51,22 @@ def free_port():
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
     return pick
+
+
+@pytest.fixture(scope="session")
+def wait_healthy():
+    """A function that waits until a server subprocess answers GET /healthz (and fails if it dies first)."""
+    import requests
+
+    def wait(url: str, proc, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if requests.get(f"{url}/healthz", timeout=2).ok:
+                    return
+            except requests.RequestException:  # not listening yet, or the app is still deploying
+                pass
+            time.sleep(1)
+        raise TimeoutError(url)
+    return wait

@@ -19,20 +19,7 @@ def isolated_cache():  # the module shares tiny_db's cache
     yield
 
 
-def wait_healthy(url: str, proc, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if requests.get(f"{url}/healthz", timeout=2).ok:
-                return
-        except requests.RequestException:  # not listening yet, or the app is still deploying
-            pass
-        time.sleep(1)
-    raise TimeoutError(url)
-
-
-def test_serve_command_stops_cleanly_and_the_cache_survives_a_restart(tiny_db, free_port):
+def test_serve_command_stops_cleanly_and_the_cache_survives_a_restart(tiny_db, free_port, wait_healthy):
     corpus = tiny_db
     q = {"query": "two small orange diamonds in a row", "k": 5}
     runs = []
@@ -74,7 +61,7 @@ def test_search_command_in_process(tiny_db):
     assert r.returncode == 2 and "k=20 exceeds the last cutoff" in r.stderr
 
 
-def test_overload_gets_503_with_retry_after_then_recovers(tiny_db, free_port):
+def test_overload_gets_503_with_retry_after_then_recovers(tiny_db, free_port, wait_healthy):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", tiny_db, "--ladder", LADDER,
