@@ -130,7 +130,7 @@ class Router:
     """Algorithm 1 over Encoder handles: level-0 ANN in LanceDB, per-level caches, batched misses, write-back."""
 
     def __init__(self, db: str, infos: list[LevelInfo], cutoffs: list[int], encoders: list) -> None:
-        self.db_uri, self.db = db, tables.Database(db)
+        self.db = tables.Database(db)
         self.infos = infos  # computed by the driver: a replica on another node needs no model registry
         self.encoders = encoders
         self.index = cache.CorpusTable(self.db, self.infos[0].fingerprint)
