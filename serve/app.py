@@ -1,6 +1,7 @@
 """The HTTP API (DESIGN.md §3) as a Ray Serve app: FastAPI ingress -> Router -> one Encoder deployment per level."""
 # no `from __future__ import annotations`: FastAPI must see the request model class, not a string
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass, field
@@ -74,6 +75,13 @@ def _media_type(data: bytes) -> str:
     return "application/octet-stream"
 
 
+def replica_counts() -> dict[str, int]:
+    """Running replicas per deployment of this app: what autoscaling decided (blocking; call off the event loop)."""
+    app = serve.get_replica_context().app_name
+    deployments = serve.status().applications[app].deployments
+    return {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
+
+
 # helpers above this line: Serve pickles the class with the module globals that exist at its definition
 @serve.deployment  # options (autoscaling, queues, resources): serve/config.yaml
 @serve.ingress(api)
@@ -119,7 +127,8 @@ class Api:
 
     @api.get("/stats")
     async def stats(self) -> dict:
-        return await self.router.stats.remote()
+        doc = await self.router.stats.remote()
+        return {**doc, "replicas": await asyncio.to_thread(replica_counts)}
 
 
 def deployment_options() -> dict[str, dict]:

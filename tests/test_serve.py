@@ -118,6 +118,7 @@ def test_health_and_stats(url, corpus):
     serve.get_app_handle("bicascade").options(method_name="flush").remote().result()
     stats = requests.get(f"{url}/stats", timeout=30).json()
     assert stats["rows"] == 300 and stats["levels"][0]["coverage"] == 1.0
+    assert stats["replicas"] == {"Api": 1, "Router": 1, "Encoder0": 1, "Encoder1": 1, "Encoder2": 1}
     assert 0 < stats["levels"][1]["coverage"] < 1 and stats["cost_ratio"] > 1
     # written back once per id, in the fingerprinted cache tables
     db = tables.Database(corpus)

@@ -1,0 +1,113 @@
+"""Autoscaling, really: serve/config.yaml run by `serve run` (as an operator deploys it), sustained HTTP load scales
+the expensive level's Encoder to two replicas, and it scales back down when the load falls, with no failed request
+during either transition. Replicas reserve a quarter CPU, so all of it fits on 2 cores."""
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from bicascade.serve.app import CONFIG_YAML
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+LADDER = "synthetic-tiny"
+WORDS = (("one", "two", "three", "four"), ("red", "green", "blue", "orange", "pink", "purple"),
+         ("small", "large"), ("circle", "square", "star", "diamond", "triangle"))
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache():  # the module shares tiny_db's cache
+    yield
+
+
+def config_for_test(db: str, port: int) -> dict:
+    """The shipped config, pointed at the test corpus, with an expensive level that scales within seconds."""
+    doc = yaml.safe_load(CONFIG_YAML.read_text())
+    doc["http_options"]["port"] = port
+    app = doc["applications"][0]
+    app["args"].update(db=db, ladder=LADDER)
+    top = next(d for d in app["deployments"] if d["name"] == "Encoder2")
+    top["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                 "metrics_interval_s": 0.5, "look_back_period_s": 2, "upscale_delay_s": 1,
+                                 "downscale_delay_s": 4}
+    return doc
+
+
+class Load:
+    """`target` clients, each posting distinct queries back to back; every answer's status is kept."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.statuses, self.target = url, [], 0
+        self.queries = itertools.cycle(" ".join(w) for w in itertools.product(*WORDS))
+        self.threads: list[threading.Thread] = []
+
+    def set(self, clients: int) -> None:
+        self.target = clients  # clients numbered >= target stop after their current request
+        for i in range(clients):
+            if i >= len(self.threads) or not self.threads[i].is_alive():
+                t = threading.Thread(target=self.client, args=(i,), daemon=True)
+                self.threads[i:i + 1] = [t]
+                t.start()
+
+    def client(self, i: int) -> None:
+        while i < self.target:
+            r = requests.post(f"{self.url}/search", json={"query": next(self.queries), "k": 5}, timeout=120)
+            self.statuses.append(r.status_code)
+
+    def close(self) -> None:
+        self.set(0)
+        for t in self.threads:
+            t.join(timeout=150)
+
+
+def replicas(url: str) -> int:
+    return requests.get(f"{url}/stats", timeout=30).json()["replicas"]["Encoder2"]
+
+
+def wait_for(predicate, timeout: float) -> float:
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(1)
+    return time.monotonic() - t0
+
+
+def test_expensive_level_scales_up_under_load_and_back_down(tiny_db, free_port, wait_healthy, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(config_for_test(tiny_db, port)))
+    serve_cli = Path(sys.executable).with_name("serve")
+    proc = subprocess.Popen([str(serve_cli), "run", str(config)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, start_new_session=True,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # a local cluster
+    load = Load(url)
+    try:
+        wait_healthy(url, proc)
+        assert replicas(url) == 1
+        load.set(8)
+        up = wait_for(lambda: replicas(url) >= 2, timeout=240)
+        at_peak = len(load.statuses)
+        time.sleep(5)  # two replicas serving the load
+        load.set(1)  # the load falls; a trickle keeps requests in flight while a replica is stopped
+        down = wait_for(lambda: replicas(url) == 1, timeout=240)
+        time.sleep(3)
+        load.close()
+        print(f"Encoder2: 2 replicas after {up:.1f} s of load ({at_peak} searches), 1 again {down:.1f} s after it "
+              f"fell; {len(load.statuses)} searches")
+        assert at_peak > 0 and len(load.statuses) > at_peak
+        assert set(load.statuses) == {200}  # nothing failed while replicas started or stopped
+    finally:
+        load.close()
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
