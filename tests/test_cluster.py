@@ -79,3 +79,16 @@ def test_index_and_serve_on_two_nodes(cluster, tmp_path, free_port, wait_healthy
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_cluster_yaml_is_a_valid_launcher_config():
+    """`ray up cluster.yaml` needs a cloud account; what can be checked here is that Ray's own launcher schema
+    accepts it and that every node installs this package."""
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((Path(__file__).parents[1] / "cluster.yaml").read_text()))
+    validate_config(config)  # raises on unknown or missing fields
+    assert {"head", "gpu_worker"} <= set(config["available_node_types"])
+    assert any("pip install" in c and "~/bicascade" in c for c in config["setup_commands"])
