@@ -55,8 +55,12 @@ class ExactIndex:
         self.vectors = np.asarray(vectors, np.float32)
 
     def search(self, vector: np.ndarray, m: int) -> tuple[list[str], np.ndarray]:
-        ids, scores = rank(self.ids, self.vectors @ np.asarray(vector, np.float32))
-        return ids[:m], scores[:m]
+        scores = self.vectors @ np.asarray(vector, np.float32)
+        keep = np.arange(len(scores))
+        if m < len(scores):  # rank only the top m, and whatever ties the m-th best within rank()'s rounding
+            keep = np.flatnonzero(scores >= np.partition(scores, -m)[-m] - 1e-6)
+        ids, ranked = rank([self.ids[i] for i in keep], scores[keep])
+        return ids[:m], ranked[:m]
 
 
 @dataclass

@@ -123,6 +123,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          host=args.host, port=args.port)
 
 
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from bicascade.pipelines import report, simulate
+
+    cfg = simulate.SimConfig(p=args.p, queries=args.queries, skew=args.skew, cutoffs=tuple(args.m), k=args.k,
+                             cascade=tuple(args.cascade) if args.cascade else None, seed=args.seed, url=args.url,
+                             concurrency=args.concurrency)
+    doc = simulate.simulate(args.db, args.ladder, cfg, world_root=args.world, report_dir=args.report,
+                            sweep=args.sweep or (), device=args.device)
+    emit(args, doc, lambda d: report.summary(d) + (f"\nreport: {d['report']}" if d["report"] else ""))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from bicascade.pipelines import demo
 
@@ -200,6 +211,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, default=64,
                    help="searches in flight per ingress replica before answering 503 + Retry-After (default 64)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("simulate", help="replay a p-small-world query stream; measured F_life, recall and latency "
+                                        "vs Eq. 1 / Eq. 2, with a report of plots")
+    p.add_argument("--db", required=True, help="LanceDB URI with the world's test split indexed")
+    p.add_argument("--ladder", default="synthetic")
+    p.add_argument("--world", default=None, help="world directory (default: the ladder's own world)")
+    p.add_argument("--p", type=float, default=0.1, help="fraction of the corpus the stream touches (default 0.1)")
+    p.add_argument("--queries", type=int, default=10_000, help="queries in the stream (default 10000)")
+    p.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of topic popularity (default 1.0)")
+    p.add_argument("--cascade", type=_names, default=None, help="model names, cheapest first (default the ladder)")
+    p.add_argument("--m", type=_ints, default=[50, 14], help="cutoffs m_1,m_2,... (default 50,14)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--url", default=None, help="also replay against this running server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight with --url (default 8)")
+    p.add_argument("--sweep", type=lambda t: [float(x) for x in t.split(",")], default=None,
+                   help="also replay the cascade at each of these p, e.g. 0.01,0.05,0.1,0.2,0.5")
+    p.add_argument("--report", default=None, help="write plots and summary.md to this directory")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="everything end to end on the embedded default world")
     p.add_argument("--ladder", default="synthetic", help="ladder profile (default synthetic; synthetic-tiny is quick)")

@@ -14,7 +14,7 @@ def run(*args, check=True):
 
 def test_help_lists_subcommands():
     out = run("--help").stdout
-    for cmd in ("costs", "ladders", "train", "eval", "index", "search", "serve", "demo"):
+    for cmd in ("costs", "ladders", "train", "eval", "index", "search", "serve", "simulate", "demo"):
         assert cmd in out
 
 
@@ -57,4 +57,7 @@ def test_demo_json_contract(tmp_path):
     assert (tmp_path / "world" / "captions.parquet").exists()
     assert doc["index"]["rows"] == 300 and doc["index"]["errors"] == 0
     assert doc["eval"]["db"] == doc["db"]  # level 0 of the report is the indexed table
-    assert "step 3/4" in r.stderr  # progress goes to stderr, never stdout
+    assert "step 3/5" in r.stderr  # progress goes to stderr, never stdout
+    sim = doc["simulate"]
+    assert sim["queries"] == 2000 and 0 < sim["p_measured"] <= 1 and sim["f_life_measured"] > 1
+    assert (tmp_path / "report" / "summary.md").exists() and sim["report"] == str(tmp_path / "report")

@@ -1,0 +1,132 @@
+"""The p-small-world simulator: the stream generator on its own, the in-process replay through the real cascade
+against independent references, and `bicascade simulate` replaying over HTTP against `bicascade serve`."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from bicascade import costs
+from bicascade.pipelines import evaluate, simulate
+
+LADDER = "synthetic-tiny"
+CFG = simulate.SimConfig(p=0.3, queries=400, cutoffs=(20, 10), topic_size=5)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache():  # the module shares tiny_db's cache
+    yield
+
+
+def fake_corpus(n: int = 400, captions_per_image: int = 2, dim: int = 16, seed: int = 0) -> simulate.Corpus:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(20, dim))
+    img = centres[rng.integers(20, size=n)] + 0.3 * rng.normal(size=(n, dim))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    owner = np.repeat(np.arange(n), captions_per_image)
+    txt = img[owner] + 0.2 * rng.normal(size=(len(owner), dim))
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    return simulate.Corpus([f"i{i}" for i in range(n)], [f"c{i}" for i in range(len(owner))], owner, ["a"], [1.0],
+                           [1.0], [img.astype(np.float32)], [txt.astype(np.float32)], [], None)
+
+
+def test_stream_hits_the_requested_coverage_reproducibly():
+    corpus = fake_corpus()
+    cfg = simulate.SimConfig(p=0.2, queries=2000, cutoffs=(10,), topic_size=10)
+    a, b = simulate.make_stream(corpus, cfg), simulate.make_stream(corpus, cfg)
+    assert np.array_equal(a.caption, b.caption) and a.coverage == b.coverage  # reproducible from the seed
+    assert np.array_equal(a.truth, corpus.caption_image[a.caption])
+    tops = simulate.top_sets(corpus.texts[0], corpus.images[0], 10)
+    assert a.coverage == len(np.unique(tops[a.caption])) / corpus.n  # the coverage it reports is the real one
+    assert abs(a.coverage - 0.2) < 0.05
+    covers = [simulate.make_stream(corpus, replace(cfg, p=p)).coverage for p in (0.05, 0.2, 0.5)]
+    assert covers == sorted(covers) and covers[0] < covers[-1]
+    wide = simulate.make_stream(corpus, replace(cfg, p=0.6, skew=1.5))
+    counts = np.bincount(wide.popularity)
+    assert wide.topics >= 4 and counts[0] / counts[3] == pytest.approx(4 ** 1.5, rel=0.3)  # Zipf-like popularity
+    assert not np.array_equal(simulate.make_stream(corpus, replace(cfg, seed=1)).caption, a.caption)
+
+
+def test_top_sets_match_a_full_sort():
+    corpus = fake_corpus(n=100)
+    got = simulate.top_sets(corpus.texts[0], corpus.images[0], 7)
+    want = np.argsort(-(corpus.texts[0] @ corpus.images[0].T), axis=1)[:, :7]
+    assert all(set(g) == set(w) for g, w in zip(got, want))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_replay_through_the_real_cascade(tiny_db):
+    from bicascade.pipelines import train
+
+    corpus = simulate.load_corpus(tiny_db, LADDER, train.ensure_ladder(LADDER)[1])
+    stream = simulate.make_stream(corpus, CFG)
+    top = len(corpus.names) - 1
+    two = simulate.replay_local(corpus, stream, [0, top], [20], 10)
+    deep = simulate.replay_local(corpus, stream, [0, 1, top], [20, 10], 10)
+
+    # recall of the replayed cascade equals the vectorised Algorithm 1 (evaluate.cascade_topk) on the same queries
+    ref = evaluate.cascade_topk([corpus.texts[j][stream.caption] for j in (0, top)],
+                                [corpus.images[0], corpus.images[top]], [20], 10)
+    assert np.mean((two.rank < 10)) == pytest.approx(np.mean((ref == stream.truth[:, None]).any(1)), abs=0.01)
+
+    # level 1 of [0, top] encodes exactly the union of the stream's level-0 top-m_1 sets, each image once, so the
+    # measured F_life is Eq. 1 at the measured coverage; the deeper cascade's top level encodes less than p
+    row = simulate.summarise(corpus, stream, two, CFG.p)
+    assert two.encoded[:, 1].sum() == round(stream.coverage * corpus.n)
+    assert row["f_life_measured"] == pytest.approx(costs.f_life([corpus.gflops[0], corpus.gflops[top]],
+                                                                stream.coverage), rel=1e-9)
+    deep_row = simulate.summarise(corpus, stream, deep, CFG.p)
+    assert deep_row["coverage_per_level"][2] < deep_row["coverage_per_level"][1] <= stream.coverage + 1e-9
+    assert deep_row["f_life_measured"] > deep_row["f_life_eq1"]
+    # cold early, warm late
+    assert row["gflops_per_query_early"] > row["gflops_per_query_late"]
+    assert deep.hits[-50:, 1:].sum() == deep.candidates[-50:, 1:].sum()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_simulate_command_replays_over_http_and_writes_the_report(tiny_db, free_port, wait_healthy, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", tiny_db, "--ladder", LADDER,
+                             "--m", "20,10", "--port", str(port)], stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True, env=env)
+    try:
+        wait_healthy(url, proc)
+        r = subprocess.run([sys.executable, "-m", "bicascade.cli", "simulate", "--db", tiny_db, "--ladder", LADDER,
+                            "--p", "0.3", "--queries", "200", "--m", "20,10", "--url", url, "--concurrency", "8",
+                            "--sweep", "0.2,0.5", "--report", str(tmp_path / "report"), "--json"],
+                           capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    for key in ("p_requested", "p_measured", "queries", "f_life_measured", "f_life_eq1", "recall",
+                "recall_top_level", "f_latency_measured", "f_latency_eq2", "report"):
+        assert key in doc
+    http = doc["cascades"][0]
+    assert http["url"] == url and http["errors"] == 0 and http["queries"] == 200 and http["queries_per_s"] > 0
+    local = doc["cascades"][1]  # the same cascade in process: the server returns the same results
+    assert http["cascade"] == local["cascade"] and abs(http["recall"]["10"] - local["recall"]["10"]) <= 0.02
+    # the server started cold: its caches grew by exactly the images the in-process replay encoded
+    assert http["coverage_per_level"] == pytest.approx(local["coverage_per_level"])
+    assert http["f_life_measured"] == pytest.approx(local["f_life_measured"])
+    assert [s["p_requested"] for s in doc["sweep"]] == [0.2, 0.5]
+    assert doc["sweep"][0]["p_measured"] < doc["sweep"][1]["p_measured"]
+    assert doc["f_latency_eq2"] == pytest.approx(costs.f_latency(
+        [costs.image_gflops(n) for n in http["cascade"]], [20, 10]))
+    for name in ("cost.png", "hit_rate.png", "latency.png", "frontier.png", "sweep.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| model / cascade |" in (tmp_path / "report" / "summary.md").read_text()
