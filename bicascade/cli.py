@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ladders)
 
     p = sub.add_parser("train", help="train (or reuse) a ladder of the synthetic world; cached and resumable")
-    p.add_argument("--ladder", default="synthetic", help="training profile: synthetic (default) or synthetic-tiny")
+    p.add_argument("--ladder", default="synthetic",
+                   help="training profile: synthetic (default), synthetic-tiny, synthetic-mlce (with MLCE)")
     p.add_argument("--world", default=None, help="where the world is written (default: the user cache)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")

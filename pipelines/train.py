@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -30,6 +31,8 @@ class TrainConfig:
     warmup: float = 0.05
     weight_decay: float = 0.05
     seed: int = 0
+    mlce_alpha: float = 0.0  # weight of AIR's MLCE regulariser (0: plain CLIP loss)
+    mlce_mu: float = 0.1  # its softmax temperature
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,18 @@ PROFILES = {
     "synthetic": Profile("synthetic", ("bc-synth-s", "bc-synth-m", "bc-synth-l")),
     "synthetic-tiny": Profile("synthetic-tiny", ("bc-tiny-s", "bc-tiny-m", "bc-tiny-l"), world.tiny(),
                               TrainConfig(samples=4000, batch_size=64)),
+    # the MLCE ablation: the default ladder's models and schedule, plus the regulariser
+    "synthetic-mlce": Profile("synthetic-mlce", ("bc-synth-s", "bc-synth-m", "bc-synth-l"),
+                              train=TrainConfig(mlce_alpha=1.0)),
 }
 DEFAULT_LADDER = "synthetic"
 
 
 def level_digest(profile: Profile, arch: str) -> str:
-    doc = {"arch": open_clip.get_model_config(arch), "world": profile.world.digest(), "train": asdict(profile.train)}
+    train = asdict(profile.train)
+    if not train["mlce_alpha"]:  # checkpoints trained before the option existed stay valid
+        del train["mlce_alpha"], train["mlce_mu"]
+    doc = {"arch": open_clip.get_model_config(arch), "world": profile.world.digest(), "train": train}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -69,6 +78,15 @@ def _lr(step: int, steps: int, cfg: TrainConfig) -> float:
     if step < warm:
         return cfg.lr * (step + 1) / warm
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def mlce_loss(img: torch.Tensor, txt: torch.Tensor, mu: float) -> torch.Tensor:
+    """AIR's MLCE regulariser on unit features: mean_i KL(softmax(S_t[i] / mu) || softmax(S_v[i] / mu)), S_t and S_v
+    the batch's text-text and image-image similarities. It pulls the image tower's neighbourhoods towards the text
+    tower's, which a small image tower cannot learn from the contrastive loss alone."""
+    log_t = F.log_softmax(txt @ txt.T / mu, dim=1)
+    log_v = F.log_softmax(img @ img.T / mu, dim=1)
+    return F.kl_div(log_v, log_t, log_target=True, reduction="batchmean")
 
 
 def train_level(arch: str, pixels: np.ndarray, tokens: torch.Tensor, cfg: TrainConfig, out: Path,
@@ -115,6 +133,8 @@ def train_level(arch: str, pixels: np.ndarray, tokens: torch.Tensor, cfg: TrainC
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             img, txt, scale = model(x, t)[:3]  # unit features and exp(logit_scale)
             loss = loss_fn(img, txt, scale)
+            if cfg.mlce_alpha:
+                loss = loss + cfg.mlce_alpha * mlce_loss(img.float(), txt.float(), cfg.mlce_mu)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,4 +1,5 @@
 """Ladder training: cached by config hash, resumable after SIGKILL, same samples for every level."""
+import dataclasses
 import shutil
 import signal
 import subprocess
@@ -73,3 +74,25 @@ def test_default_profile_contract():
     assert max(steps) / min(steps) < 1.5  # even FLOP steps
     assert p.world.test >= 5000
     assert train.level_digest(p, p.archs[0]) != train.level_digest(train.PROFILES["synthetic-tiny"], p.archs[0])
+
+
+def test_mlce_loss_is_the_mean_row_kl_of_self_similarities():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(8, 16), dim=1).requires_grad_()
+    txt = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    mu = 0.1
+    p = torch.softmax(txt @ txt.T / mu, 1)
+    q = torch.softmax(img @ img.T / mu, 1)
+    want = (p * (p.log() - q.log())).sum(1).mean()
+    got = train.mlce_loss(img, txt, mu)
+    assert torch.allclose(got, want, atol=1e-5) and got > 0
+    got.backward()
+    assert img.grad is not None and img.grad.abs().sum() > 0  # it trains the image tower
+    assert train.mlce_loss(txt, txt, mu).abs() < 1e-6  # zero when the neighbourhoods agree
+
+
+def test_mlce_changes_the_checkpoint_key_only_when_on():
+    base = train.PROFILES["synthetic"]
+    off = dataclasses.replace(base, train=dataclasses.replace(base.train, mlce_mu=0.5))  # alpha 0: option off
+    assert train.level_digest(off, base.archs[0]) == train.level_digest(base, base.archs[0])
+    assert train.level_digest(train.PROFILES["synthetic-mlce"], base.archs[0]) != train.level_digest(base, base.archs[0])
