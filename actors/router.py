@@ -96,8 +96,10 @@ def writer_for(db: str, level: LevelInfo) -> ray.actor.ActorHandle:
     workers there; it needs no CPU). Hard affinity: soft affinity placed actors elsewhere in about half the tries."""
     head = next((n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]), None)
     strategy = NodeAffinitySchedulingStrategy(head, soft=False) if head else "DEFAULT"
+    # restarted when it dies (losing only its unflushed batch), and calls made meanwhile are retried on the new one
     return CacheWriter.options(name=f"bicascade-cache-{level.fingerprint}", namespace="bicascade", get_if_exists=True,
-                               lifetime="detached", scheduling_strategy=strategy).remote(db, level.fingerprint, level.dim)
+                               lifetime="detached", scheduling_strategy=strategy, max_restarts=-1,
+                               max_task_retries=-1).remote(db, level.fingerprint, level.dim)
 
 
 def local_cascade(db_uri: str, ladder: str, cutoffs: Sequence[int],

@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -21,6 +23,8 @@ from bicascade.actors.router import Router, ladder_levels
 
 MAX_QUERY_CHARS = 1000
 MAX_BODY_BYTES = 16 * 1024
+# a replica died mid-request (Serve replaces it) or a downstream queue is full: the client should retry
+RETRYABLE = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
 CONFIG_YAML = Path(__file__).with_name("config.yaml")
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # ids are opaque keys: nothing path-like gets near storage
 
@@ -105,6 +109,8 @@ class Api:
         self.inflight += 1
         try:
             return JSONResponse(await self.router.search.remote(req.query, req.k, depth))
+        except RETRYABLE as e:
+            return error(503, f"unavailable, retry: {type(e).__name__}", {"Retry-After": "1"})
         finally:
             self.inflight -= 1
 

@@ -67,14 +67,18 @@ class Load:
             t.join(timeout=150)
 
 
+def replica_counts(url: str) -> dict[str, int]:
+    return requests.get(f"{url}/stats", timeout=30).json()["replicas"]
+
+
 def replicas(url: str) -> int:
-    return requests.get(f"{url}/stats", timeout=30).json()["replicas"]["Encoder2"]
+    return replica_counts(url)["Encoder2"]
 
 
-def wait_for(predicate, timeout: float) -> float:
+def wait_for(predicate, timeout: float, url: str) -> float:
     t0 = time.monotonic()
     while not predicate():
-        assert time.monotonic() - t0 < timeout, "timed out"
+        assert time.monotonic() - t0 < timeout, f"timed out; running replicas: {replica_counts(url)}"
         time.sleep(1)
     return time.monotonic() - t0
 
@@ -90,14 +94,14 @@ def test_expensive_level_scales_up_under_load_and_back_down(tiny_db, free_port, 
                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # a local cluster
     load = Load(url)
     try:
-        wait_healthy(url, proc)
-        assert replicas(url) == 1
+        wait_healthy(url, proc)  # the ingress answers before every deployment is up (`serve run` does not wait)
+        wait_for(lambda: replicas(url) == 1, timeout=240, url=url)
         load.set(8)
-        up = wait_for(lambda: replicas(url) >= 2, timeout=240)
+        up = wait_for(lambda: replicas(url) >= 2, timeout=240, url=url)
         at_peak = len(load.statuses)
         time.sleep(5)  # two replicas serving the load
         load.set(1)  # the load falls; a trickle keeps requests in flight while a replica is stopped
-        down = wait_for(lambda: replicas(url) == 1, timeout=240)
+        down = wait_for(lambda: replicas(url) == 1, timeout=240, url=url)
         time.sleep(3)
         load.close()
         print(f"Encoder2: 2 replicas after {up:.1f} s of load ({at_peak} searches), 1 again {down:.1f} s after it "

@@ -144,3 +144,39 @@ def test_config_yaml_is_a_valid_serve_config_for_the_app():
         assert scaling["max_replicas"] > scaling["min_replicas"] >= 1
         assert d.max_queued_requests > 0 and d.ray_actor_options.num_cpus < 1  # fits on 2 cores
 
+
+
+def test_killed_replicas_lose_nothing_acknowledged_and_the_app_recovers(url, corpus):
+    """Runs last in this module: it kills the top level's cache writer and Encoder replica."""
+    import ray
+
+    app = serve.get_app_handle("bicascade").options(method_name="flush")
+    top = router.ladder_levels(LADDER)[-1]
+    db = tables.Database(corpus)
+    app.remote().result()
+    stored = db.ids(tables.emb_table(top.fingerprint))
+
+    # the cache writer dies: Ray restarts it, flushed rows stay, and new embeddings still reach the table
+    ray.kill(ray.get_actor(f"bicascade-cache-{top.fingerprint}", namespace="bicascade"), no_restart=False)
+    cold = [post(url, {"query": q, "k": 10}) for q in ("four yellow crosses", "a large striped ring at the top")]
+    assert all(r.status_code == 200 for r in cold)
+    fresh = sum(r.json()["stats"]["levels"][-1]["encoded"] for r in cold)
+    assert fresh > 0
+    app.remote().result()
+    after = db.ids(tables.emb_table(top.fingerprint))
+    assert stored <= after and len(after) >= len(stored) + 1
+
+    # the top level's Encoder replica dies: searches meanwhile get 200 or a JSON 503 with Retry-After, never a
+    # 500 or a hang, and Serve brings a new replica up without a restart of the app
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "Encoder2" in a["name"])
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]))
+    answers = []
+    for i in range(60):
+        r = post(url, {"query": f"{i % 4 + 1} green diamonds", "k": 5})
+        answers.append(r)
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 503:
+            assert r.headers.get("Retry-After") == "1" and "retry" in r.json()["error"]
+        elif i > 3 and all(a.status_code == 200 for a in answers[-3:]):
+            break
+    assert answers[-1].status_code == 200
