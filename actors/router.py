@@ -24,15 +24,17 @@ class LevelInfo:
     fingerprint: str
     dim: int
     gflops: float
+    text: int  # the first level with this level's text tower: whose text embedding this level uses
 
 
 def ladder_levels(ladder: str) -> list[LevelInfo]:
     """Fingerprints and costs without loading weights: the table names and the cost model of every level."""
+    names = models.get_ladder(ladder).levels
     out = []
-    for name in models.get_ladder(ladder).levels:
+    for name, text in zip(names, models.text_encoders(names)):
         spec = models.get_model(name)
         pp_cfg, dim = models.describe(spec)
-        out.append(LevelInfo(name, models.fingerprint(spec, pp_cfg), dim, costs.image_gflops(name)))
+        out.append(LevelInfo(name, models.fingerprint(spec, pp_cfg), dim, costs.image_gflops(name), text))
     return out
 
 
@@ -112,19 +114,23 @@ def local_cascade(db_uri: str, ladder: str, cutoffs: Sequence[int],
     for j, info in enumerate(infos):
         model = models.load_model(info.name, device=device)
         store = cache.LevelCache(db, info.fingerprint, info.dim) if j else None
-        levels.append(Level(info.name, model.encode_texts, lambda ids, m=model: encode_stored(m, db, ids),
+        # a shared text tower is one callable, which the cascade calls once per query
+        text = levels[info.text].encode_text if info.text < j else model.encode_texts
+        levels.append(Level(info.name, text, lambda ids, m=model: encode_stored(m, db, ids),
                             cache=store, gflops=info.gflops))
         stores += [store] if store else []
     return Cascade(index, levels, cutoffs), stores
 
 
-def to_json(out: SearchOutput, uris: dict[str, str], level_names: Sequence[str]) -> dict:
-    """The HTTP API's response document (DESIGN.md §3), with per-result provenance."""
+def to_json(out: SearchOutput, uris: dict[str, str], level_names: Sequence[str], text_encodes: int) -> dict:
+    """The HTTP API's response document (DESIGN.md §3), with per-result provenance and the query's text embeddings
+    computed (one per distinct text tower)."""
     return {"results": [{"id": r.id, "score": r.score, "uri": uris.get(r.id),
                          "levels": [{"model": level_names[j], "score": s, "cached": j > 0 and r.cached[j - 1]}
                                     for j, s in enumerate(r.scores)]} for r in out.results],
             "stats": {"levels": [{k: v for k, v in asdict(s).items() if k != "gflops"} | {"gflops": s.gflops}
-                                 for s in out.levels], "ms": out.ms, "gflops": out.gflops}}
+                                 for s in out.levels], "ms": out.ms, "gflops": out.gflops,
+                      "text_encodes": text_encodes}}
 
 
 @serve.deployment  # options (autoscaling, queues, resources): serve/config.yaml
@@ -149,7 +155,8 @@ class Router:
         self.queries = 0
 
     def _text(self, j: int) -> Callable[[list[str]], np.ndarray]:
-        return lambda texts: np.stack([self.encoders[j].encode_texts.remote(t).result() for t in texts])
+        encoder = self.encoders[self.infos[j].text]
+        return lambda texts: np.stack([encoder.encode_texts.remote(t).result() for t in texts])
 
     def _images(self, j: int) -> Callable[[list[str]], np.ndarray]:
         call = lambda ids: self.encoders[j].encode_images.remote(ids).result()  # noqa: E731
@@ -157,11 +164,13 @@ class Router:
 
     def search(self, query: str, k: int, depth: int | None = None) -> dict:
         cascade = self.by_depth[depth or len(self.infos)]
-        # every level's text embedding at once: one round trip of latency, not one per level
-        pending = [e.encode_texts.remote(query) for e in self.encoders[:len(cascade.levels)]]
-        out = cascade.search(query, k, text=[p.result() for p in pending])
+        # every distinct text tower's embedding at once: one round trip of latency, not one per level
+        towers = [i.text for i in self.infos[:len(cascade.levels)]]
+        pending = {t: self.encoders[t].encode_texts.remote(query) for t in dict.fromkeys(towers)}
+        text = {t: p.result() for t, p in pending.items()}
+        out = cascade.search(query, k, text=[text[t] for t in towers])
         self.queries += 1
-        return to_json(out, self.db.uris([r.id for r in out.results]), [i.name for i in self.infos])
+        return to_json(out, self.db.uris([r.id for r in out.results]), [i.name for i in self.infos], len(text))
 
     def image(self, id_: str) -> bytes | None:
         return self.db.image_bytes([id_]).get(id_)

@@ -122,6 +122,11 @@ class Cascade:
         validate(len(levels), cutoffs, 1)
         self.index, self.levels, self.cutoffs = index, list(levels), [int(m) for m in cutoffs]
 
+    @property
+    def text_encodes(self) -> int:
+        """Text embeddings a query needs: one per distinct text encoder (levels sharing a text tower share one)."""
+        return len({id(lv.encode_text) for lv in self.levels})
+
     def text_vectors(self, query: str) -> list[np.ndarray]:
         """Every level's text embedding (a shared text tower is computed once: same callable, one call)."""
         memo: dict[int, np.ndarray] = {}

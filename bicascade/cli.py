@@ -104,7 +104,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     for store in stores:
         store.flush()
     doc = router.to_json(out, tables.Database(args.db).uris([r.id for r in out.results]),
-                         [lv.name for lv in cascade.levels])
+                         [lv.name for lv in cascade.levels], cascade.text_encodes)
     emit(args, doc, format_search)
 
 
@@ -112,7 +112,8 @@ def format_search(doc: dict) -> str:
     lines = [f"{i + 1:>3}. {r['score']:.4f}  {r['id']}  {r['uri']}" for i, r in enumerate(doc["results"])]
     lines += [f"{s['model']}: {s['candidates']} candidates, {s['cache_hits']} cached, {s['encoded']} encoded, "
               f"{s['ms']:.1f} ms" for s in doc["stats"]["levels"]]
-    return "\n".join(lines + [f"{doc['stats']['ms']:.1f} ms, {doc['stats']['gflops']:.3f} GFLOPs of image encoding"])
+    return "\n".join(lines + [f"{doc['stats']['ms']:.1f} ms, {doc['stats']['gflops']:.3f} GFLOPs of image encoding, "
+                               f"{doc['stats']['text_encodes']} text embedding(s)"])
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -169,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or reuse) a ladder of the synthetic world; cached and resumable")
     p.add_argument("--ladder", default="synthetic",
                    help="training profile: synthetic (default), synthetic-tiny, synthetic-mlce (with MLCE)")
+    p.add_argument("--world", default=None, help="where the world is written (default: the user cache)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="distil cheap levels from a trained ladder's top model (two-stage); they share "
+                                       "its text tower, so a query needs one text embedding; cached and resumable")
+    p.add_argument("--ladder", default="synthetic-distilled",
+                   help="distillation profile: synthetic-distilled (default; teacher: synthetic's top level), "
+                        "synthetic-tiny-distilled")
     p.add_argument("--world", default=None, help="where the world is written (default: the user cache)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
 import open_clip
 import torch
@@ -12,17 +12,29 @@ from torch.utils.flop_counter import FlopCounterMode
 from bicascade import models
 
 
-@lru_cache(maxsize=None)
-def image_gflops(name: str) -> float:
-    """Image-encoder GFLOPs (2 x multiply-accumulates) for one image, counted on the meta device: no weights."""
+def _gflops(name: str, run: Callable[[torch.nn.Module, str], object]) -> float:
+    """GFLOPs (2 x multiply-accumulates) of `run(model, arch)`, counted on the meta device: no weights."""
     arch = models.get_model(name).arch
     with torch.device("meta"):
         model = open_clip.create_model(arch, pretrained=None, device="meta")
-    size = models.image_size(arch)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model.encode_image(torch.empty(1, 3, size, size, device="meta"))
+        run(model, arch)
     return counter.get_total_flops() / 1e9
+
+
+@lru_cache(maxsize=None)
+def image_gflops(name: str) -> float:
+    """Image-encoder GFLOPs for one image."""
+    return _gflops(name, lambda m, arch: m.encode_image(
+        torch.empty(1, 3, models.image_size(arch), models.image_size(arch), device="meta")))
+
+
+@lru_cache(maxsize=None)
+def text_gflops(name: str) -> float:
+    """Text-encoder GFLOPs for one query of the model's full context length."""
+    return _gflops(name, lambda m, arch: m.encode_text(torch.zeros(
+        1, open_clip.get_model_config(arch)["text_cfg"].get("context_length", 77), dtype=torch.long, device="meta")))
 
 
 def measure_seconds(name: str, batch_size: int = 4, repeats: int = 3, device: str | None = None) -> float:

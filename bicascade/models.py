@@ -191,6 +191,35 @@ def fingerprint(spec: ModelSpec, preprocess_cfg: dict, seed: int | None = None) 
 
 
 @lru_cache(maxsize=64)
+def _text_tower_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(read_state_dict(path).items()):
+        if not key.startswith(("visual.", "logit_")):
+            digest.update(key.encode())
+            digest.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def text_identity(spec: ModelSpec) -> str:
+    """Hash of the text tower (architecture and weights, not the image tower): levels with equal identities embed a
+    query identically, so a cascade computes that embedding once (distilled levels share their teacher's)."""
+    cfg = open_clip.get_model_config(spec.arch)
+    doc = {"text_cfg": cfg["text_cfg"], "embed_dim": cfg["embed_dim"]}
+    if spec.checkpoint:
+        st = os.stat(spec.checkpoint)
+        doc["weights"] = _text_tower_sha256(os.path.abspath(spec.checkpoint), st.st_size, st.st_mtime_ns)
+    else:  # a hub model: its text tower is its own
+        doc["weights"] = weights_identity(spec)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def text_encoders(names: Sequence[str]) -> list[int]:
+    """For each level, the index of the first level with the same text tower: a query embeds once per distinct one."""
+    ids = [text_identity(get_model(n)) for n in names]
+    return [ids.index(i) for i in ids]
+
+
+@lru_cache(maxsize=64)
 def _describe_arch(arch: str) -> tuple[dict, int]:
     with torch.device("meta"):
         model = open_clip.create_model(arch, pretrained=None, device="meta")

@@ -69,10 +69,11 @@ def evaluate(world_root: str | Path, ladder: models.Ladder, cutoffs: Sequence[in
     queries = [c for cs in caps for c in cs]
     truth = np.repeat(np.arange(len(paths)), [len(cs) for cs in caps])
     images, texts, gflops = [], [], []
+    towers = models.text_encoders(ladder.levels)
     for j, name in enumerate(ladder.levels):
         loaded = models.load_model(name, device=device)
         images.append(indexed_vectors(db, loaded, paths) if db and j == 0 else embed_images(loaded, paths))
-        texts.append(embed_texts(loaded, queries))
+        texts.append(texts[towers[j]] if towers[j] < j else embed_texts(loaded, queries))  # a shared tower: once
         gflops.append(costs.image_gflops(name))
     n = len(ladder.levels)
     chunks = range(0, len(queries), 2048)
@@ -84,7 +85,10 @@ def evaluate(world_root: str | Path, ladder: models.Ladder, cutoffs: Sequence[in
 
     doc = {"queries": len(queries), "images": len(paths), "p": p, "db": db,
            "levels": [{"model": name, "gflops": gflops[j], "recall": run([j], [])}
-                      for j, name in enumerate(ladder.levels)], "cascades": []}
+                      for j, name in enumerate(ladder.levels)], "cascades": [],
+           "text": {"encodes_per_query": len(set(towers)), "levels": n,
+                    "gflops_per_query": sum(costs.text_gflops(ladder.levels[t]) for t in set(towers)),
+                    "gflops_per_query_unshared": sum(costs.text_gflops(name) for name in ladder.levels)}}
     plans = [([j, n - 1], [cutoffs[0]]) for j in range(n - 1)] + ([(list(range(n)), list(cutoffs[:n - 1]))] if n > 2 else [])
     for levels, m in plans:
         doc["cascades"].append({"cascade": [ladder.levels[j] for j in levels], "m": m, "recall": run(levels, m),
@@ -102,4 +106,7 @@ def format_table(doc: dict) -> str:
         r = c["recall"]
         lines.append(f"{' -> '.join(c['cascade']):<52} {','.join(map(str, c['m'])):<8} {'':>8} "
                      f"{r['1']:>6.3f} {r['5']:>6.3f} {r['10']:>6.3f} {c['f_life']:>7.2f}")
+    t = doc["text"]
+    lines.append(f"text side of the full cascade: {t['encodes_per_query']} embedding(s) per query, "
+                 f"{t['gflops_per_query']:.4f} GFLOPs ({t['gflops_per_query_unshared']:.4f} with one per level)")
     return "\n".join(lines)

@@ -57,6 +57,8 @@ class Corpus:
     seconds: list[float]  # measured image-encoder seconds per image of each level (whole corpus, batched)
     images: list[np.ndarray]  # per level (N, d); level 0 as the index job stored it
     texts: list[np.ndarray]  # per level (captions, d)
+    towers: list[int]  # per level, the first level with its text tower (levels sharing one embed a query once)
+    text_gflops: list[float]
     models: list[models.LoadedModel]
     db: tables.Database
 
@@ -149,15 +151,16 @@ def load_corpus(db_uri: str, ladder: str, world_root: str | Path, device: str | 
                          f"(bicascade index {Path(paths[0]).parent} --db {db_uri})") from None
     captions = [c for cs in caps for c in cs]
     loaded, embedded, texts, seconds = [], [], [], []
-    for info in infos:
+    for j, info in enumerate(infos):
         model = models.load_model(info.name, device=device)
         t0 = time.perf_counter()
         embedded.append(evaluate.embed_images(model, paths))
         seconds.append((time.perf_counter() - t0) / len(paths))
-        texts.append(evaluate.embed_texts(model, captions))
+        texts.append(texts[info.text] if info.text < j else evaluate.embed_texts(model, captions))
         loaded.append(model)
     return Corpus(ids, captions, np.repeat(np.arange(len(paths)), [len(c) for c in caps]), [i.name for i in infos],
-                  [i.gflops for i in infos], seconds, [level0] + embedded[1:], texts, loaded, db)
+                  [i.gflops for i in infos], seconds, [level0] + embedded[1:], texts, [i.text for i in infos],
+                  [costs.text_gflops(i.name) for i in infos], loaded, db)
 
 
 def replay_local(corpus: Corpus, stream: Stream, levels: Sequence[int], cutoffs: Sequence[int], k: int) -> Trace:
@@ -272,13 +275,15 @@ def summarise(corpus: Corpus, stream: Stream, trace: Trace, p: float) -> dict:
     tail = max(1, q // 10)
     per_query = trace.encoded[:, 1:] @ np.array(c[1:])
     hit = trace.hits[:, 1:].sum() / max(1, trace.candidates[:, 1:].sum())
+    towers = {corpus.towers[j] for j in trace.levels}
     return {"cascade": [corpus.names[j] for j in trace.levels], "m": trace.cutoffs, "p_requested": p,
             "p_measured": stream.coverage, "topics": stream.topics, "queries": q,
             "coverage_per_level": [1.0] + [float(e / n) for e in encoded[1:]],
             "f_life_measured": uncascaded / spent,
             "f_life_measured_seconds": None if trace.http else n * corpus.seconds[-1] / spent_s,
             "f_life_eq1": costs.f_life(c, stream.coverage) if len(c) > 1 else corpus.gflops[-1] / c[0],
-            "recall": recall(trace.rank), "cache_hit_rate": float(hit),
+            "recall": recall(trace.rank), "cache_hit_rate": float(hit), "text_encodes_per_query": len(towers),
+            "text_gflops_per_query": sum(corpus.text_gflops[t] for t in towers),
             "gflops_per_query_early": float(per_query[:tail].mean()),
             "gflops_per_query_late": float(per_query[-tail:].mean()),
             "latency_ms": {"p50": float(np.percentile(trace.ms, 50)), "p99": float(np.percentile(trace.ms, 99))},

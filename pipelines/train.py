@@ -1,4 +1,5 @@
-"""Train a ladder of OpenCLIP models on the synthetic world (CLIP loss), cached by config hash and resumable."""
+"""Train a ladder of OpenCLIP models on the synthetic world (CLIP loss), or distil cheap levels from a trained ladder's
+top model (two-stage distillation); cached by config hash and resumable."""
 from __future__ import annotations
 
 import fcntl
@@ -9,6 +10,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import open_clip
@@ -18,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bicascade import models
-from bicascade.pipelines import world
+from bicascade.pipelines import losses, world
 
 log = logging.getLogger("bicascade")
 
@@ -33,6 +35,9 @@ class TrainConfig:
     seed: int = 0
     mlce_alpha: float = 0.0  # weight of AIR's MLCE regulariser (0: plain CLIP loss)
     mlce_mu: float = 0.1  # its softmax temperature
+    stage1: float = 0.5  # distillation: the fraction of samples spent matching the teacher's image embeddings
+    kd_weight: float = 1.0  # distillation stage 2: weight of the similarity-distribution KL
+    kd_temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class Profile:
     archs: tuple[str, ...]
     world: world.WorldConfig = field(default_factory=world.WorldConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: str | None = None  # a profile whose top level the archs are distilled from; they share its text tower
 
 
 PROFILES = {
@@ -52,15 +58,23 @@ PROFILES = {
     # the MLCE ablation: the default ladder's models and schedule, plus the regulariser
     "synthetic-mlce": Profile("synthetic-mlce", ("bc-synth-s", "bc-synth-m", "bc-synth-l"),
                               train=TrainConfig(mlce_alpha=1.0)),
+    # two-stage distillation of the default ladder's top model into image towers of the s and m levels' cost
+    "synthetic-distilled": Profile("synthetic-distilled", ("bc-synth-s", "bc-synth-m"), teacher="synthetic"),
+    "synthetic-tiny-distilled": Profile("synthetic-tiny-distilled", ("bc-tiny-s", "bc-tiny-m"), world.tiny(),
+                                        TrainConfig(samples=4000, batch_size=64), teacher="synthetic-tiny"),
 }
 DEFAULT_LADDER = "synthetic"
 
 
-def level_digest(profile: Profile, arch: str) -> str:
+def level_digest(profile: Profile, arch: str, teacher: models.ModelSpec | None = None) -> str:
     train = asdict(profile.train)
-    if not train["mlce_alpha"]:  # checkpoints trained before the option existed stay valid
+    if not train["mlce_alpha"]:  # checkpoints trained before an option existed stay valid
         del train["mlce_alpha"], train["mlce_mu"]
+    if teacher is None:
+        del train["stage1"], train["kd_weight"], train["kd_temperature"]
     doc = {"arch": open_clip.get_model_config(arch), "world": profile.world.digest(), "train": train}
+    if teacher is not None:
+        doc["teacher"] = models.weights_identity(teacher)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -73,6 +87,58 @@ def load_pixels(paths: list[str], size: int) -> np.ndarray:
     return out
 
 
+def normaliser(model: torch.nn.Module, dev: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
+    """(B, H, W, 3) uint8 -> the model's normalised (B, 3, H, W) input on `dev`."""
+    pp = open_clip.get_model_preprocess_cfg(model)
+    mean = torch.tensor(pp["mean"], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(pp["std"], device=dev).view(1, 3, 1, 1)
+    return lambda px: torch.from_numpy(px).to(dev).permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
+
+
+@dataclass
+class Teacher:
+    """What distillation learns from, computed once: the teacher's unit embeddings of every training image and caption,
+    and its text tower with its logit scale, which students take over frozen (so a cascade needs one text embedding)."""
+
+    image: torch.Tensor  # (N, D)
+    text: torch.Tensor  # (N, captions, D)
+    text_tower: dict[str, torch.Tensor]
+    scale: float
+
+    @classmethod
+    @torch.no_grad()
+    def embed(cls, spec: models.ModelSpec, pixels: np.ndarray, tokens: torch.Tensor, device: str | None = None,
+              batch: int = 512) -> Teacher:
+        dev, _ = models.pick_device(device)
+        model = models.load_model(spec, device=str(dev)).model.float()
+        norm = normaliser(model, dev)
+        image = torch.cat([F.normalize(model.encode_image(norm(pixels[i:i + batch])), dim=-1).cpu()
+                           for i in tqdm(range(0, len(pixels), batch), desc=f"teacher {spec.name} images", leave=False)])
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        text = torch.cat([F.normalize(model.encode_text(flat[i:i + batch].to(dev)), dim=-1).cpu()
+                          for i in range(0, len(flat), batch)]).view(*tokens.shape[:2], -1)
+        tower = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("visual.")}
+        return cls(image, text, tower, float(model.logit_scale.exp()))
+
+    def adopt(self, student: torch.nn.Module) -> None:
+        """Give the student the teacher's text tower and logit scale, frozen: only its image tower trains."""
+        missing, unexpected = student.load_state_dict(self.text_tower, strict=False)
+        if unexpected or any(not k.startswith("visual.") for k in missing):
+            raise ValueError(f"the student's text tower differs from the teacher's: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for name, p in student.named_parameters():
+            p.requires_grad_(name.startswith("visual."))
+
+    def loss(self, student: torch.nn.Module, x: torch.Tensor, idx: np.ndarray, pick: np.ndarray, stage: int,
+             cfg: TrainConfig) -> torch.Tensor:
+        img = F.normalize(student.encode_image(x), dim=-1)
+        target = self.image[torch.as_tensor(idx)].to(x.device)
+        if stage == 0:
+            return losses.feature_loss(img, target)
+        text = self.text[torch.as_tensor(idx), torch.as_tensor(pick)].to(x.device)
+        return losses.aligned_kd_loss(img, target, text, self.scale, cfg.kd_weight, cfg.kd_temperature)
+
+
 def _lr(step: int, steps: int, cfg: TrainConfig) -> float:
     warm = max(1, int(cfg.warmup * steps))
     if step < warm:
@@ -80,18 +146,11 @@ def _lr(step: int, steps: int, cfg: TrainConfig) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
-def mlce_loss(img: torch.Tensor, txt: torch.Tensor, mu: float) -> torch.Tensor:
-    """AIR's MLCE regulariser on unit features: mean_i KL(softmax(S_t[i] / mu) || softmax(S_v[i] / mu)), S_t and S_v
-    the batch's text-text and image-image similarities. It pulls the image tower's neighbourhoods towards the text
-    tower's, which a small image tower cannot learn from the contrastive loss alone."""
-    log_t = F.log_softmax(txt @ txt.T / mu, dim=1)
-    log_v = F.log_softmax(img @ img.T / mu, dim=1)
-    return F.kl_div(log_v, log_t, log_target=True, reduction="batchmean")
-
-
 def train_level(arch: str, pixels: np.ndarray, tokens: torch.Tensor, cfg: TrainConfig, out: Path,
-                device: str | None = None, desc: str = "", save_every_s: float = 30.0) -> Path:
-    """Train one CLIP model; `out.state` holds resumable state (saved every `save_every_s`) until `out` is written.
+                device: str | None = None, desc: str = "", save_every_s: float = 30.0,
+                teacher: Teacher | None = None) -> Path:
+    """Train one CLIP model, or with a `teacher` distil its image tower in two stages (each with its own warm-up and
+    decay); `out.state` holds resumable state (saved every `save_every_s`) until `out` is written.
     Batches are random: at this budget, batches of whole near-duplicate groups halved validation recall (the
     hard negatives only pay off once coarse features exist)."""
     if out.exists():
@@ -100,15 +159,17 @@ def train_level(arch: str, pixels: np.ndarray, tokens: torch.Tensor, cfg: TrainC
     dev, _ = models.pick_device(device)  # training stays fp32 (autocast on GPU)
     torch.manual_seed(cfg.seed)
     model = open_clip.create_model(arch, pretrained=None).to(dev).train()
-    pp = open_clip.get_model_preprocess_cfg(model)
-    mean = torch.tensor(pp["mean"], device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(pp["std"], device=dev).view(1, 3, 1, 1)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    if teacher is not None:
+        teacher.adopt(model)
+    norm = normaliser(model, dev)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
                             lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
     steps = cfg.samples // cfg.batch_size
+    bounds = [0, int(cfg.stage1 * steps), steps] if teacher is not None else [0, steps]  # stage boundaries
     state_path = out.with_suffix(".state")
     step = 0
     if state_path.exists():
@@ -126,15 +187,18 @@ def train_level(arch: str, pixels: np.ndarray, tokens: torch.Tensor, cfg: TrainC
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)  # deterministic: resume sees the same data
         idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
         pick = np.random.default_rng([cfg.seed, step, 1]).integers(tokens.shape[1], size=len(idx))
-        x = torch.from_numpy(pixels[idx]).to(dev).permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
-        t = tokens[idx, pick].to(dev)
+        x = norm(pixels[idx])
+        stage = max(i for i, b in enumerate(bounds[:-1]) if b <= step)
         for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, cfg)
+            g["lr"] = _lr(step - bounds[stage], bounds[stage + 1] - bounds[stage], cfg)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            img, txt, scale = model(x, t)[:3]  # unit features and exp(logit_scale)
-            loss = loss_fn(img, txt, scale)
-            if cfg.mlce_alpha:
-                loss = loss + cfg.mlce_alpha * mlce_loss(img.float(), txt.float(), cfg.mlce_mu)
+            if teacher is not None:
+                loss = teacher.loss(model, x, idx, pick, stage, cfg)
+            else:
+                img, txt, scale = model(x, tokens[idx, pick].to(dev))[:3]  # unit features and exp(logit_scale)
+                loss = loss_fn(img, txt, scale)
+                if cfg.mlce_alpha:
+                    loss = loss + cfg.mlce_alpha * losses.mlce_loss(img.float(), txt.float(), cfg.mlce_mu)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -170,28 +234,41 @@ def ensure_ladder(name: str = DEFAULT_LADDER, world_root: str | Path | None = No
     if name not in PROFILES:
         return models.get_ladder(name), Path(world_root) if world_root else None
     profile = PROFILES[name]
+    teacher = None
+    if profile.teacher:
+        if PROFILES[profile.teacher].world != profile.world:
+            raise ValueError(f"{name} must learn from its teacher {profile.teacher}'s world")
+        teacher = models.get_model(ensure_ladder(profile.teacher, world_root, device, with_world=False)[0].levels[-1])
     ckpt_dir = models.cache_dir() / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    targets = [ckpt_dir / f"{a}-{level_digest(profile, a)}.pt" for a in profile.archs]
+    targets = [ckpt_dir / f"{a}-{level_digest(profile, a, teacher)}.pt" for a in profile.archs]
     with open(ckpt_dir / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per cache: a second process waits, then reuses the result
         root = None
         if with_world or not all(t.exists() for t in targets):
             root = world.make_world(world_root or models.cache_dir() / "worlds" / profile.world.digest(), profile.world)
-            _train_missing(name, profile, root, targets, device)
+            _train_missing(name, profile, root, targets, device, teacher)
     specs = [models.ModelSpec(n, a, checkpoint=str(t)) for n, a, t in zip(level_names(profile), profile.archs, targets)]
-    ladder = models.Ladder(name, tuple(s.name for s in specs), description=f"trained on world {profile.world.digest()}")
+    about = f"trained on world {profile.world.digest()}"
+    if teacher is not None:  # the students, then the teacher itself: one text tower for the whole cascade
+        specs.append(teacher)
+        about = f"distilled from {teacher.name}, whose text tower every level shares; world {profile.world.digest()}"
+    ladder = models.Ladder(name, tuple(s.name for s in specs), shared_text_tower=teacher is not None, description=about)
     models.save_ladder(ladder, specs)
     return ladder, root
 
 
-def _train_missing(name: str, profile: Profile, root: Path, targets: list[Path], device: str | None) -> None:
+def _train_missing(name: str, profile: Profile, root: Path, targets: list[Path], device: str | None,
+                   teacher: models.ModelSpec | None) -> None:
     if all(t.exists() for t in targets):
         return
     paths, caps = world.load_split(root, "train")
     pixels = load_pixels(paths, profile.world.image_size)
     t0 = time.perf_counter()
+    tokenize = lambda arch: open_clip.get_tokenizer(arch)([c for cs in caps for c in cs]).view(len(caps), -1, 32)  # noqa: E731
+    targets_of = Teacher.embed(teacher, pixels, tokenize(teacher.arch), device) if teacher is not None else None
+    verb = "distil" if teacher is not None else "train"
     for i, (arch, target) in enumerate(zip(profile.archs, targets)):
-        tokens = open_clip.get_tokenizer(arch)([c for cs in caps for c in cs]).view(len(caps), -1, 32)
-        train_level(arch, pixels, tokens, profile.train, target, device, desc=f"train {i + 1}/{len(targets)} {arch}")
+        train_level(arch, pixels, tokenize(arch), profile.train, target, device,
+                    desc=f"{verb} {i + 1}/{len(targets)} {arch}", teacher=targets_of)
     log.info("trained ladder %s in %.0f s", name, time.perf_counter() - t0)

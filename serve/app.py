@@ -144,6 +144,11 @@ def deployment_options() -> dict[str, dict]:
     return {d.pop("name"): d for d in doc["applications"][0]["deployments"]}
 
 
+def runtime_env() -> dict:
+    """The app's runtime_env from serve/config.yaml, which `bicascade serve` gives its Ray job."""
+    return yaml.safe_load(CONFIG_YAML.read_text())["applications"][0].get("runtime_env", {})
+
+
 def build(config: AppConfig) -> serve.Application:
     """The app graph: one Encoder per level, the Router over their handles, the HTTP ingress over the router."""
     from bicascade import models

@@ -10,7 +10,7 @@ import threading
 import ray
 from ray import serve
 
-from bicascade.serve.app import AppConfig, build
+from bicascade.serve.app import AppConfig, build, runtime_env
 
 log = logging.getLogger("bicascade")
 
@@ -19,7 +19,8 @@ def connect() -> None:
     """Join the cluster named by RAY_ADDRESS, else start a local one sized to this machine."""
     if not ray.is_initialized():
         kwargs = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}
-        ray.init(include_dashboard=False, log_to_driver=False, namespace="bicascade", **kwargs)
+        ray.init(include_dashboard=False, log_to_driver=False, namespace="bicascade", runtime_env=runtime_env(),
+                 **kwargs)
 
 
 def deploy(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "bicascade",

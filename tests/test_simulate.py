@@ -31,7 +31,7 @@ def fake_corpus(n: int = 400, captions_per_image: int = 2, dim: int = 16, seed: 
     txt = img[owner] + 0.2 * rng.normal(size=(len(owner), dim))
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
     return simulate.Corpus([f"i{i}" for i in range(n)], [f"c{i}" for i in range(len(owner))], owner, ["a"], [1.0],
-                           [1.0], [img.astype(np.float32)], [txt.astype(np.float32)], [], None)
+                           [1.0], [img.astype(np.float32)], [txt.astype(np.float32)], [0], [0.0], [], None)
 
 
 def test_stream_hits_the_requested_coverage_reproducibly():

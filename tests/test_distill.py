@@ -1,0 +1,143 @@
+"""Two-stage distillation: the losses, a distilled ladder that shares its teacher's text tower, and every consumer
+(eval, in-process search, the served cascade over HTTP) computing one text embedding per query for it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import requests
+import torch
+import torch.nn.functional as F
+
+from bicascade import models
+from bicascade.pipelines import evaluate, losses, train, world
+
+LADDER = "synthetic-tiny-distilled"
+
+
+def unit(*shape):
+    return F.normalize(torch.randn(*shape), dim=-1)
+
+
+def test_feature_loss_is_the_cosine_distance_to_the_teacher():
+    torch.manual_seed(0)
+    t = unit(8, 16)
+    assert losses.feature_loss(t, t).abs() < 1e-6
+    assert torch.isclose(losses.feature_loss(-t, t), torch.tensor(2.0))
+    assert losses.feature_loss(unit(8, 16), t) > 0.5
+
+
+def test_aligned_kd_loss_trains_only_the_student_and_its_kd_term_vanishes_at_the_teacher():
+    torch.manual_seed(0)
+    t_img, t_txt = unit(8, 16), unit(8, 16)
+    s_img = t_img.clone().requires_grad_()
+    at_teacher = losses.aligned_kd_loss(s_img, t_img, t_txt, scale=20.0, kd_weight=1.0)
+    plain = losses.aligned_kd_loss(s_img, t_img, t_txt, scale=20.0, kd_weight=0.0)
+    assert torch.isclose(at_teacher, plain)  # the student matches the teacher: nothing to distil
+    other = unit(8, 16).requires_grad_()
+    assert losses.aligned_kd_loss(other, t_img, t_txt, 20.0) > losses.aligned_kd_loss(other, t_img, t_txt, 20.0, 0.0)
+    losses.aligned_kd_loss(other, t_img, t_txt, 20.0).backward()
+    assert other.grad is not None and other.grad.abs().sum() > 0
+
+
+def test_a_student_adopts_the_teacher_text_tower_frozen():
+    import open_clip
+
+    torch.manual_seed(0)
+    teacher = open_clip.create_model("bc-tiny-l", pretrained=None)
+    tower = {k: v for k, v in teacher.state_dict().items() if not k.startswith("visual.")}
+    student = open_clip.create_model("bc-tiny-s", pretrained=None)
+    train.Teacher(torch.zeros(1, 32), torch.zeros(1, 1, 32), tower, 10.0).adopt(student)
+    for name, p in student.named_parameters():
+        assert p.requires_grad == name.startswith("visual.")
+        if name in tower:
+            assert torch.equal(p, tower[name])
+    wider = {**tower, "text_projection": torch.zeros(64, 48)}  # another text tower does not fit: a clear error
+    with pytest.raises(RuntimeError, match="text_projection"):
+        train.Teacher(torch.zeros(1, 32), torch.zeros(1, 1, 32), wider, 10.0).adopt(student)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """The tiny teacher, its two distilled students, and the world's test split indexed with the student level 0."""
+    import ray
+
+    from bicascade.pipelines import index
+
+    old = os.environ.get("BICASCADE_CACHE")
+    os.environ["BICASCADE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    ladder, root = train.ensure_ladder(LADDER)
+    db = str(tmp_path_factory.mktemp("db"))
+    try:
+        index.run_index(str(root / "test"), db, LADDER)
+    finally:
+        ray.shutdown()
+    yield ladder, root, db
+    os.environ.pop("BICASCADE_CACHE") if old is None else os.environ.update(BICASCADE_CACHE=old)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache():  # this module's tests share the distilled fixture's cache
+    yield
+
+
+@pytest.mark.slow
+def test_distilled_ladder_shares_the_teacher_text_tower_and_follows_its_image_space(distilled, monkeypatch):
+    ladder, root, _ = distilled
+    teacher = train.ensure_ladder("synthetic-tiny", with_world=False)[0]
+    assert ladder.levels == (f"{LADDER}-s", f"{LADDER}-m", teacher.levels[-1]) and ladder.shared_text_tower
+    assert models.text_encoders(ladder.levels) == [0, 0, 0]
+    assert models.text_encoders(teacher.levels) == [0, 1, 2]  # independently trained: three text towers
+    # the students land in the teacher's image space; the independently trained level of the same arch does not
+    paths, _ = world.load_split(root, "test")
+    top = evaluate.embed_images(models.load_model(teacher.levels[-1], device="cpu"), paths[:200])
+    student = evaluate.embed_images(models.load_model(ladder.levels[0], device="cpu"), paths[:200])
+    independent = evaluate.embed_images(models.load_model(teacher.levels[0], device="cpu"), paths[:200])
+    assert (student * top).sum(1).mean() > 0.5 > (independent * top).sum(1).mean()
+    monkeypatch.setattr(train, "train_level", lambda *a, **k: pytest.fail("a second run must reuse the students"))
+    assert train.ensure_ladder(LADDER, with_world=False)[0] == ladder
+
+
+@pytest.mark.slow
+def test_eval_embeds_each_query_once_for_a_shared_text_tower(distilled):
+    ladder, root, db = distilled
+    doc = evaluate.evaluate(root, ladder, cutoffs=(50, 14), db=db, device="cpu")
+    text = doc["text"]
+    assert text["encodes_per_query"] == 1 and text["levels"] == 3
+    assert np.isclose(text["gflops_per_query_unshared"], 3 * text["gflops_per_query"])
+    assert all(lv["recall"]["10"] > 0.1 for lv in doc["levels"])  # chance is 10 / 300
+    assert "1 embedding(s) per query" in evaluate.format_table(doc)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_search_and_the_served_cascade_compute_one_text_embedding(distilled, free_port, wait_healthy):
+    _, _, db = distilled
+    query = {"query": "three large blue squares", "k": 5}
+    r = subprocess.run([sys.executable, "-m", "bicascade.cli", "search", query["query"], "--db", db, "--ladder", LADDER,
+                        "--k", "5", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    local = json.loads(r.stdout)
+    assert local["stats"]["text_encodes"] == 1
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", db, "--ladder", LADDER,
+                             "--port", str(port)], stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        served = requests.post(f"{url}/search", json=query, timeout=120).json()
+        assert served["stats"]["text_encodes"] == 1
+        assert [x["id"] for x in served["results"]] == [x["id"] for x in local["results"]]
+        shallow = requests.post(f"{url}/search", json={**query, "levels": 2}, timeout=120).json()
+        assert shallow["stats"]["text_encodes"] == 1 and len(shallow["stats"]["levels"]) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
