@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (or reuse) a ladder of the synthetic world; cached and resumable")
     p.add_argument("--ladder", default="synthetic",
-                   help="training profile: synthetic (default), synthetic-tiny, synthetic-mlce (with MLCE)")
+                   help="training profile: synthetic (default), synthetic-tiny, synthetic-mlce (its s level with "
+                        "MLCE, for the ablation)")
     p.add_argument("--world", default=None, help="where the world is written (default: the user cache)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
@@ -178,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distil cheap levels from a trained ladder's top model (two-stage); they share "
                                        "its text tower, so a query needs one text embedding; cached and resumable")
     p.add_argument("--ladder", default="synthetic-distilled",
-                   help="distillation profile: synthetic-distilled (default; teacher: synthetic's top level), "
-                        "synthetic-tiny-distilled")
+                   help="distillation profile: synthetic-distilled (default; teacher: synthetic's top level, "
+                        "students start from its s and m levels), synthetic-distilled-scratch (students start from "
+                        "random weights), synthetic-tiny-distilled")
     p.add_argument("--world", default=None, help="where the world is written (default: the user cache)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")

@@ -38,6 +38,7 @@ class TrainConfig:
     stage1: float = 0.5  # distillation: the fraction of samples spent matching the teacher's image embeddings
     kd_weight: float = 1.0  # distillation stage 2: weight of the similarity-distribution KL
     kd_temperature: float = 1.0
+    warm_start: bool = False  # distillation: a student starts from the image tower of the teacher ladder's same arch
 
 
 @dataclass(frozen=True)
@@ -55,26 +56,33 @@ PROFILES = {
     "synthetic": Profile("synthetic", ("bc-synth-s", "bc-synth-m", "bc-synth-l")),
     "synthetic-tiny": Profile("synthetic-tiny", ("bc-tiny-s", "bc-tiny-m", "bc-tiny-l"), world.tiny(),
                               TrainConfig(samples=4000, batch_size=64)),
-    # the MLCE ablation: the default ladder's models and schedule, plus the regulariser
-    "synthetic-mlce": Profile("synthetic-mlce", ("bc-synth-s", "bc-synth-m", "bc-synth-l"),
-                              train=TrainConfig(mlce_alpha=1.0)),
-    # two-stage distillation of the default ladder's top model into image towers of the s and m levels' cost
-    "synthetic-distilled": Profile("synthetic-distilled", ("bc-synth-s", "bc-synth-m"), teacher="synthetic"),
+    # the MLCE ablation on the cheapest level, where a small image tower should gain most: same arch and schedule
+    "synthetic-mlce": Profile("synthetic-mlce", ("bc-synth-s",), train=TrainConfig(mlce_alpha=1.0)),
+    # two-stage distillation of the default ladder's top model into image towers of the s and m levels' cost,
+    # starting from those levels (from scratch, the same 60,000 samples gave students below the independent levels)
+    "synthetic-distilled": Profile("synthetic-distilled", ("bc-synth-s", "bc-synth-m"),
+                                   train=TrainConfig(warm_start=True), teacher="synthetic"),
+    "synthetic-distilled-scratch": Profile("synthetic-distilled-scratch", ("bc-synth-s", "bc-synth-m"),
+                                           teacher="synthetic"),
     "synthetic-tiny-distilled": Profile("synthetic-tiny-distilled", ("bc-tiny-s", "bc-tiny-m"), world.tiny(),
                                         TrainConfig(samples=4000, batch_size=64), teacher="synthetic-tiny"),
 }
 DEFAULT_LADDER = "synthetic"
 
 
-def level_digest(profile: Profile, arch: str, teacher: models.ModelSpec | None = None) -> str:
+def level_digest(profile: Profile, arch: str, teacher: models.ModelSpec | None = None,
+                 init: models.ModelSpec | None = None) -> str:
     train = asdict(profile.train)
     if not train["mlce_alpha"]:  # checkpoints trained before an option existed stay valid
         del train["mlce_alpha"], train["mlce_mu"]
     if teacher is None:
         del train["stage1"], train["kd_weight"], train["kd_temperature"]
+    del train["warm_start"]  # the identity of the weights it starts from says more
     doc = {"arch": open_clip.get_model_config(arch), "world": profile.world.digest(), "train": train}
     if teacher is not None:
         doc["teacher"] = models.weights_identity(teacher)
+    if init is not None:
+        doc["init"] = models.weights_identity(init)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -148,7 +156,7 @@ def _lr(step: int, steps: int, cfg: TrainConfig) -> float:
 
 def train_level(arch: str, pixels: np.ndarray, tokens: torch.Tensor, cfg: TrainConfig, out: Path,
                 device: str | None = None, desc: str = "", save_every_s: float = 30.0,
-                teacher: Teacher | None = None) -> Path:
+                teacher: Teacher | None = None, init: models.ModelSpec | None = None) -> Path:
     """Train one CLIP model, or with a `teacher` distil its image tower in two stages (each with its own warm-up and
     decay); `out.state` holds resumable state (saved every `save_every_s`) until `out` is written.
     Batches are random: at this budget, batches of whole near-duplicate groups halved validation recall (the
@@ -159,6 +167,9 @@ def train_level(arch: str, pixels: np.ndarray, tokens: torch.Tensor, cfg: TrainC
     dev, _ = models.pick_device(device)  # training stays fp32 (autocast on GPU)
     torch.manual_seed(cfg.seed)
     model = open_clip.create_model(arch, pretrained=None).to(dev).train()
+    if init is not None:  # only the image tower: a student's text tower is its teacher's
+        model.load_state_dict({k: v for k, v in models.read_state_dict(init.checkpoint).items()
+                               if k.startswith("visual.")}, strict=False)
     if teacher is not None:
         teacher.adopt(model)
     norm = normaliser(model, dev)
@@ -234,20 +245,23 @@ def ensure_ladder(name: str = DEFAULT_LADDER, world_root: str | Path | None = No
     if name not in PROFILES:
         return models.get_ladder(name), Path(world_root) if world_root else None
     profile = PROFILES[name]
-    teacher = None
+    teacher, inits = None, [None] * len(profile.archs)
     if profile.teacher:
         if PROFILES[profile.teacher].world != profile.world:
             raise ValueError(f"{name} must learn from its teacher {profile.teacher}'s world")
-        teacher = models.get_model(ensure_ladder(profile.teacher, world_root, device, with_world=False)[0].levels[-1])
+        specs = [models.get_model(n) for n in ensure_ladder(profile.teacher, world_root, device, with_world=False)[0].levels]
+        teacher = specs[-1]
+        if profile.train.warm_start:
+            inits = [next(s for s in specs if s.arch == a) for a in profile.archs]
     ckpt_dir = models.cache_dir() / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    targets = [ckpt_dir / f"{a}-{level_digest(profile, a, teacher)}.pt" for a in profile.archs]
+    targets = [ckpt_dir / f"{a}-{level_digest(profile, a, teacher, i)}.pt" for a, i in zip(profile.archs, inits)]
     with open(ckpt_dir / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per cache: a second process waits, then reuses the result
         root = None
         if with_world or not all(t.exists() for t in targets):
             root = world.make_world(world_root or models.cache_dir() / "worlds" / profile.world.digest(), profile.world)
-            _train_missing(name, profile, root, targets, device, teacher)
+            _train_missing(name, profile, root, targets, device, teacher, inits)
     specs = [models.ModelSpec(n, a, checkpoint=str(t)) for n, a, t in zip(level_names(profile), profile.archs, targets)]
     about = f"trained on world {profile.world.digest()}"
     if teacher is not None:  # the students, then the teacher itself: one text tower for the whole cascade
@@ -259,7 +273,7 @@ def ensure_ladder(name: str = DEFAULT_LADDER, world_root: str | Path | None = No
 
 
 def _train_missing(name: str, profile: Profile, root: Path, targets: list[Path], device: str | None,
-                   teacher: models.ModelSpec | None) -> None:
+                   teacher: models.ModelSpec | None, inits: list[models.ModelSpec | None]) -> None:
     if all(t.exists() for t in targets):
         return
     paths, caps = world.load_split(root, "train")
@@ -268,7 +282,7 @@ def _train_missing(name: str, profile: Profile, root: Path, targets: list[Path],
     tokenize = lambda arch: open_clip.get_tokenizer(arch)([c for cs in caps for c in cs]).view(len(caps), -1, 32)  # noqa: E731
     targets_of = Teacher.embed(teacher, pixels, tokenize(teacher.arch), device) if teacher is not None else None
     verb = "distil" if teacher is not None else "train"
-    for i, (arch, target) in enumerate(zip(profile.archs, targets)):
+    for i, (arch, target, init) in enumerate(zip(profile.archs, targets, inits)):
         train_level(arch, pixels, tokenize(arch), profile.train, target, device,
-                    desc=f"{verb} {i + 1}/{len(targets)} {arch}", teacher=targets_of)
+                    desc=f"{verb} {i + 1}/{len(targets)} {arch}", teacher=targets_of, init=init)
     log.info("trained ladder %s in %.0f s", name, time.perf_counter() - t0)

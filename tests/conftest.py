@@ -2,6 +2,8 @@
 tiny indexed corpus for the serving tests."""
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -70,3 +72,13 @@ def wait_healthy():
             time.sleep(1)
         raise TimeoutError(url)
     return wait
+
+
+@pytest.fixture(scope="session")
+def serve_command():
+    """A function starting `bicascade serve` as a user does: its own local Ray cluster, its own process group."""
+    def start(db: str, ladder: str, port: int, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", db, "--ladder", ladder,
+                                 "--port", str(port), *args], stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
+    return start

@@ -60,6 +60,22 @@ def test_a_student_adopts_the_teacher_text_tower_frozen():
         train.Teacher(torch.zeros(1, 32), torch.zeros(1, 1, 32), wider, 10.0).adopt(student)
 
 
+def test_a_warm_started_student_keeps_its_own_image_tower_and_the_teacher_text_tower(tmp_path):
+    import open_clip
+
+    torch.manual_seed(0)
+    teacher = open_clip.create_model("bc-tiny-l", pretrained=None)
+    tower = {k: v for k, v in teacher.state_dict().items() if not k.startswith("visual.")}
+    start = models.save_checkpoint(open_clip.create_model("bc-tiny-s", pretrained=None), tmp_path / "s.pt")
+    out = train.train_level("bc-tiny-s", np.zeros((4, 32, 32, 3), np.uint8), torch.zeros(4, 1, 32, dtype=torch.long),
+                            train.TrainConfig(samples=0), tmp_path / "student.pt", device="cpu",
+                            teacher=train.Teacher(torch.zeros(4, 32), torch.zeros(4, 1, 32), tower, 10.0),
+                            init=models.ModelSpec("s", "bc-tiny-s", checkpoint=str(start)))
+    got, init = models.read_state_dict(out), models.read_state_dict(start)
+    assert all(torch.equal(got[k], init[k]) for k in init if k.startswith("visual."))
+    assert all(torch.equal(got[k], tower[k]) for k in tower)
+
+
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     """The tiny teacher, its two distilled students, and the world's test split indexed with the student level 0."""
@@ -115,7 +131,7 @@ def test_eval_embeds_each_query_once_for_a_shared_text_tower(distilled):
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_search_and_the_served_cascade_compute_one_text_embedding(distilled, free_port, wait_healthy):
+def test_search_and_the_served_cascade_compute_one_text_embedding(distilled, free_port, wait_healthy, serve_command):
     _, _, db = distilled
     query = {"query": "three large blue squares", "k": 5}
     r = subprocess.run([sys.executable, "-m", "bicascade.cli", "search", query["query"], "--db", db, "--ladder", LADDER,
@@ -124,9 +140,7 @@ def test_search_and_the_served_cascade_compute_one_text_embedding(distilled, fre
     local = json.loads(r.stdout)
     assert local["stats"]["text_encodes"] == 1
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", db, "--ladder", LADDER,
-                             "--port", str(port)], stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "RAY_ADDRESS": ""})
+    proc = serve_command(db, LADDER, port)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc)

@@ -19,15 +19,13 @@ def isolated_cache():  # the module shares tiny_db's cache
     yield
 
 
-def test_serve_command_stops_cleanly_and_the_cache_survives_a_restart(tiny_db, free_port, wait_healthy):
+def test_serve_command_stops_cleanly_and_the_cache_survives_a_restart(tiny_db, free_port, wait_healthy, serve_command):
     corpus = tiny_db
     q = {"query": "two small orange diamonds in a row", "k": 5}
     runs = []
     for _ in range(2):
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", corpus, "--ladder", LADDER,
-                                 "--port", str(port)], stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                env={**os.environ, "RAY_ADDRESS": ""})
+        proc = serve_command(corpus, LADDER, port)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_healthy(url, proc)
@@ -61,12 +59,10 @@ def test_search_command_in_process(tiny_db):
     assert r.returncode == 2 and "k=20 exceeds the last cutoff" in r.stderr
 
 
-def test_overload_gets_503_with_retry_after_then_recovers(tiny_db, free_port, wait_healthy):
+def test_overload_gets_503_with_retry_after_then_recovers(tiny_db, free_port, wait_healthy, serve_command):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", tiny_db, "--ladder", LADDER,
-                             "--port", str(port), "--max-inflight", "2"], stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
+    proc = serve_command(tiny_db, LADDER, port, "--max-inflight", "2")
     try:
         wait_healthy(url, proc)
         bodies = [{"query": f"{n} {colour} {shape}s", "k": 10} for n in ("one", "two", "three")

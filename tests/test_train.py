@@ -96,3 +96,14 @@ def test_mlce_changes_the_checkpoint_key_only_when_on():
     off = dataclasses.replace(base, train=dataclasses.replace(base.train, mlce_mu=0.5))  # alpha 0: option off
     assert train.level_digest(off, base.archs[0]) == train.level_digest(base, base.archs[0])
     assert train.level_digest(train.PROFILES["synthetic-mlce"], base.archs[0]) != train.level_digest(base, base.archs[0])
+
+
+def test_distillation_checkpoints_key_on_the_teacher_and_the_warm_start(tmp_path):
+    weights = []
+    for i in range(3):
+        (tmp_path / f"{i}.pt").write_bytes(bytes([i]))
+        weights.append(models.ModelSpec(f"m{i}", "bc-tiny-l", checkpoint=str(tmp_path / f"{i}.pt")))
+    p = train.PROFILES["synthetic-tiny-distilled"]
+    keys = {train.level_digest(p, p.archs[0], weights[0]), train.level_digest(p, p.archs[0], weights[1]),
+            train.level_digest(p, p.archs[0], weights[0], init=weights[2]), train.level_digest(p, p.archs[0])}
+    assert len(keys) == 4  # another teacher, a warm start or no teacher: another checkpoint
