@@ -147,16 +147,17 @@ class Router:
                                         sink=lambda ids, v, w=w: w.put.remote(ids, v))
                        for info, w in zip(self.infos[1:], self.writers)]
         self.inflight = [InFlight(s) for s in self.stores]
-        levels = [Level(self.infos[0].name, self._text(0), self._images(0), gflops=self.infos[0].gflops)]
+        # one text callable per distinct text tower, as in local_cascade: the cascade embeds a query once per tower
+        text = {t: self._text(t) for t in dict.fromkeys(i.text for i in self.infos)}
+        levels = [Level(self.infos[0].name, text[self.infos[0].text], self._images(0), gflops=self.infos[0].gflops)]
         for j, (info, store) in enumerate(zip(self.infos[1:], self.stores), start=1):
-            levels.append(Level(info.name, self._text(j), self._images(j), cache=store, gflops=info.gflops))
+            levels.append(Level(info.name, text[info.text], self._images(j), cache=store, gflops=info.gflops))
         # the full cascade and the shallower ones over the same levels and caches (`levels: 1` is level 0 alone)
         self.by_depth = {d: Cascade(self.index, levels[:d], cutoffs[:d - 1]) for d in range(1, len(levels) + 1)}
         self.queries = 0
 
     def _text(self, j: int) -> Callable[[list[str]], np.ndarray]:
-        encoder = self.encoders[self.infos[j].text]
-        return lambda texts: np.stack([encoder.encode_texts.remote(t).result() for t in texts])
+        return lambda texts: np.stack([self.encoders[j].encode_texts.remote(t).result() for t in texts])
 
     def _images(self, j: int) -> Callable[[list[str]], np.ndarray]:
         call = lambda ids: self.encoders[j].encode_images.remote(ids).result()  # noqa: E731
@@ -170,7 +171,8 @@ class Router:
         text = {t: p.result() for t, p in pending.items()}
         out = cascade.search(query, k, text=[text[t] for t in towers])
         self.queries += 1
-        return to_json(out, self.db.uris([r.id for r in out.results]), [i.name for i in self.infos], len(text))
+        return to_json(out, self.db.uris([r.id for r in out.results]), [i.name for i in self.infos],
+                       cascade.text_encodes)
 
     def image(self, id_: str) -> bytes | None:
         return self.db.image_bytes([id_]).get(id_)

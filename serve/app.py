@@ -137,16 +137,19 @@ class Api:
         return {**doc, "replicas": await asyncio.to_thread(replica_counts)}
 
 
+def shipped_app() -> dict:
+    """The application entry of serve/config.yaml: one source for `bicascade serve` and `serve deploy`."""
+    return yaml.safe_load(CONFIG_YAML.read_text())["applications"][0]
+
+
 def deployment_options() -> dict[str, dict]:
-    """Per-deployment options (autoscaling, queue bounds, resources) from serve/config.yaml: one source for
-    `bicascade serve` and `serve deploy serve/config.yaml`."""
-    doc = yaml.safe_load(CONFIG_YAML.read_text())
-    return {d.pop("name"): d for d in doc["applications"][0]["deployments"]}
+    """Per-deployment options (autoscaling, queue bounds, resources) from serve/config.yaml."""
+    return {d.pop("name"): d for d in shipped_app()["deployments"]}
 
 
 def runtime_env() -> dict:
     """The app's runtime_env from serve/config.yaml, which `bicascade serve` gives its Ray job."""
-    return yaml.safe_load(CONFIG_YAML.read_text())["applications"][0].get("runtime_env", {})
+    return shipped_app().get("runtime_env", {})
 
 
 def build(config: AppConfig) -> serve.Application:
