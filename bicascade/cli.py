@@ -170,18 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or reuse) a ladder of the synthetic world; cached and resumable")
     p.add_argument("--ladder", default="synthetic",
                    help="training profile: synthetic (default), synthetic-tiny, synthetic-mlce (its s level with "
-                        "MLCE, for the ablation)")
+                        "MLCE, for the ablation), synthetic-vit (ViTs of 2, 4 and 6 blocks, trained independently)")
     p.add_argument("--world", default=None, help="where the world is written (default: the user cache)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("distill", help="distil cheap levels from a trained ladder's top model (two-stage); they share "
-                                       "its text tower, so a query needs one text embedding; cached and resumable")
+    p = sub.add_parser("distill", help="distil cheap levels from a top model (two-stage distillation, or self-pruning "
+                                       "into its first blocks); they share its text tower, so a query needs one text "
+                                       "embedding; cached and resumable")
     p.add_argument("--ladder", default="synthetic-distilled",
                    help="distillation profile: synthetic-distilled (default; teacher: synthetic's top level, "
                         "students start from its s and m levels), synthetic-distilled-scratch (students start from "
-                        "random weights), synthetic-tiny-distilled")
+                        "random weights), synthetic-spds (synthetic-vit's 6-block ViT trained on with SPDS; "
+                        "levels: its first 2 and 4 blocks, then all 6), synthetic-spds-scratch (the same from random "
+                        "weights), synthetic-tiny-distilled, synthetic-tiny-spds")
     p.add_argument("--world", default=None, help="where the world is written (default: the user cache)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")

@@ -309,12 +309,13 @@ def load_model(name: str | ModelSpec, device: str | None = None, seed: int | Non
                        device=dev, dtype=dtype, fingerprint=fingerprint(spec, pp_cfg, seed if not spec.checkpoint else None))
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
-    """Write a plain state dict (loadable with `weights_only=True`) atomically."""
+def save_checkpoint(weights: torch.nn.Module | dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write a model's (or a) plain state dict, loadable with `weights_only=True`, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    sd = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    torch.save({k: v.detach().cpu() for k, v in sd.items()}, tmp)
     tmp.replace(path)
     return path
 

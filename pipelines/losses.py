@@ -1,4 +1,5 @@
-"""Training objectives beyond open_clip's ClipLoss: AIR's MLCE regulariser and the two stages of distillation.
+"""Training objectives beyond open_clip's ClipLoss: AIR's MLCE regulariser, the two stages of distillation and
+self-pruning's self-distillation.
 Every input is a batch of L2-normalised features."""
 from __future__ import annotations
 
@@ -28,10 +29,20 @@ def aligned_kd_loss(student_img: torch.Tensor, teacher_img: torch.Tensor, teache
     logits = scale * student_img @ teacher_txt.T
     labels = torch.arange(len(logits), device=logits.device)
     contrastive = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    target = scale * teacher_img @ teacher_txt.T
+    return contrastive + kd_weight * similarity_kl(logits, scale * teacher_img @ teacher_txt.T, temperature)
 
+
+def self_distillation_loss(prefix_img: torch.Tensor, final_img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """SPDS's L_sd: a prefix of the image tower learns the full model's image-text similarity distribution (a target
+    without gradient), image->text and text->image."""
+    return similarity_kl(scale * prefix_img @ txt.T, (scale * final_img @ txt.T).detach(), temperature)
+
+
+def similarity_kl(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(target) || softmax(logits)) over rows and over columns, averaged (Hinton's T^2 scaling)."""
     def kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), log_target=True,
                         reduction="batchmean") * temperature ** 2
 
-    return contrastive + kd_weight * (kl(logits, target) + kl(logits.T, target.T)) / 2
+    return (kl(logits, target) + kl(logits.T, target.T)) / 2

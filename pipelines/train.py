@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bicascade import models
-from bicascade.pipelines import losses, world
+from bicascade.pipelines import losses, prune, world
 
 log = logging.getLogger("bicascade")
 
@@ -38,7 +38,7 @@ class TrainConfig:
     stage1: float = 0.5  # distillation: the fraction of samples spent matching the teacher's image embeddings
     kd_weight: float = 1.0  # distillation stage 2: weight of the similarity-distribution KL
     kd_temperature: float = 1.0
-    warm_start: bool = False  # distillation: a student starts from the image tower of the teacher ladder's same arch
+    sd_weight: float = 1.0  # self-pruning: weight (eta) of each prefix's self-distillation from the full model
 
 
 @dataclass(frozen=True)
@@ -50,22 +50,37 @@ class Profile:
     world: world.WorldConfig = field(default_factory=world.WorldConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: str | None = None  # a profile whose top level the archs are distilled from; they share its text tower
+    self_pruning: bool = False  # train only the top ViT, with SPDS; the other archs are its prefixes (fewer blocks)
+    start_from: str | None = None  # a profile whose level of the same arch each model (self-pruning: the top) starts from
 
 
 PROFILES = {
     "synthetic": Profile("synthetic", ("bc-synth-s", "bc-synth-m", "bc-synth-l")),
     "synthetic-tiny": Profile("synthetic-tiny", ("bc-tiny-s", "bc-tiny-m", "bc-tiny-l"), world.tiny(),
                               TrainConfig(samples=4000, batch_size=64)),
+    # ViTs trained independently at depths 2, 4 and 6: what self-pruning's prefixes of one model are measured against
+    "synthetic-vit": Profile("synthetic-vit", ("bc-synth-vit-d2", "bc-synth-vit-d4", "bc-synth-vit-d6")),
+    # self-pruning: synthetic-vit's 6-block ViT trained on with SPDS, so that its first 2 and 4 blocks are levels too
+    # (from random weights, the same 60,000 samples gave a full model at half the independent one's R@1)
+    "synthetic-spds": Profile("synthetic-spds", ("bc-synth-vit-d2", "bc-synth-vit-d4", "bc-synth-vit-d6"),
+                              self_pruning=True, start_from="synthetic-vit"),
+    # the control for synthetic-spds: the independent ViTs of depths 2 and 6 trained on for the same 60,000 samples
+    "synthetic-vit-continued": Profile("synthetic-vit-continued", ("bc-synth-vit-d2", "bc-synth-vit-d6"),
+                                       start_from="synthetic-vit"),
+    "synthetic-spds-scratch": Profile("synthetic-spds-scratch", ("bc-synth-vit-d2", "bc-synth-vit-d4",
+                                                                 "bc-synth-vit-d6"), self_pruning=True),
     # the MLCE ablation on the cheapest level, where a small image tower should gain most: same arch and schedule
     "synthetic-mlce": Profile("synthetic-mlce", ("bc-synth-s",), train=TrainConfig(mlce_alpha=1.0)),
     # two-stage distillation of the default ladder's top model into image towers of the s and m levels' cost,
     # starting from those levels (from scratch, the same 60,000 samples gave students below the independent levels)
     "synthetic-distilled": Profile("synthetic-distilled", ("bc-synth-s", "bc-synth-m"),
-                                   train=TrainConfig(warm_start=True), teacher="synthetic"),
+                                   teacher="synthetic", start_from="synthetic"),
     "synthetic-distilled-scratch": Profile("synthetic-distilled-scratch", ("bc-synth-s", "bc-synth-m"),
                                            teacher="synthetic"),
     "synthetic-tiny-distilled": Profile("synthetic-tiny-distilled", ("bc-tiny-s", "bc-tiny-m"), world.tiny(),
                                         TrainConfig(samples=4000, batch_size=64), teacher="synthetic-tiny"),
+    "synthetic-tiny-spds": Profile("synthetic-tiny-spds", ("bc-tiny-vit-d1", "bc-tiny-vit-d2"), world.tiny(),
+                                   TrainConfig(samples=4000, batch_size=64), self_pruning=True),
 }
 DEFAULT_LADDER = "synthetic"
 
@@ -77,8 +92,11 @@ def level_digest(profile: Profile, arch: str, teacher: models.ModelSpec | None =
         del train["mlce_alpha"], train["mlce_mu"]
     if teacher is None:
         del train["stage1"], train["kd_weight"], train["kd_temperature"]
-    del train["warm_start"]  # the identity of the weights it starts from says more
+    if not profile.self_pruning:
+        del train["sd_weight"]
     doc = {"arch": open_clip.get_model_config(arch), "world": profile.world.digest(), "train": train}
+    if profile.self_pruning:
+        doc["prefixes"] = prune.depths(profile.archs)
     if teacher is not None:
         doc["teacher"] = models.weights_identity(teacher)
     if init is not None:
@@ -156,9 +174,12 @@ def _lr(step: int, steps: int, cfg: TrainConfig) -> float:
 
 def train_level(arch: str, pixels: np.ndarray, tokens: torch.Tensor, cfg: TrainConfig, out: Path,
                 device: str | None = None, desc: str = "", save_every_s: float = 30.0,
-                teacher: Teacher | None = None, init: models.ModelSpec | None = None) -> Path:
+                teacher: Teacher | None = None, init: models.ModelSpec | None = None,
+                prefixes: tuple[int, ...] = ()) -> Path:
     """Train one CLIP model, or with a `teacher` distil its image tower in two stages (each with its own warm-up and
-    decay); `out.state` holds resumable state (saved every `save_every_s`) until `out` is written.
+    decay), or with `prefixes` train a ViT whose first K blocks are CLIP image towers too (SPDS: each prefix adds a
+    contrastive loss and a self-distillation loss from the full model); `out.state` holds resumable state (saved
+    every `save_every_s`) until `out` is written.
     Batches are random: at this budget, batches of whole near-duplicate groups halved validation recall (the
     hard negatives only pay off once coarse features exist)."""
     if out.exists():
@@ -167,9 +188,8 @@ def train_level(arch: str, pixels: np.ndarray, tokens: torch.Tensor, cfg: TrainC
     dev, _ = models.pick_device(device)  # training stays fp32 (autocast on GPU)
     torch.manual_seed(cfg.seed)
     model = open_clip.create_model(arch, pretrained=None).to(dev).train()
-    if init is not None:  # only the image tower: a student's text tower is its teacher's
-        model.load_state_dict({k: v for k, v in models.read_state_dict(init.checkpoint).items()
-                               if k.startswith("visual.")}, strict=False)
+    if init is not None:  # a student's text tower is then replaced by its teacher's
+        model.load_state_dict(models.read_state_dict(init.checkpoint))
     if teacher is not None:
         teacher.adopt(model)
     norm = normaliser(model, dev)
@@ -206,10 +226,15 @@ def train_level(arch: str, pixels: np.ndarray, tokens: torch.Tensor, cfg: TrainC
             if teacher is not None:
                 loss = teacher.loss(model, x, idx, pick, stage, cfg)
             else:
-                img, txt, scale = model(x, tokens[idx, pick].to(dev))[:3]  # unit features and exp(logit_scale)
+                txt = F.normalize(model.encode_text(tokens[idx, pick].to(dev)), dim=-1)
+                scale = model.logit_scale.exp()
+                feats = prune.heads(model.visual, x, prefixes) if prefixes else [model.encode_image(x)]
+                img, *light = [F.normalize(f, dim=-1) for f in reversed(feats)]  # the full model's first
                 loss = loss_fn(img, txt, scale)
                 if cfg.mlce_alpha:
                     loss = loss + cfg.mlce_alpha * losses.mlce_loss(img.float(), txt.float(), cfg.mlce_mu)
+                for f in light:
+                    loss = loss + loss_fn(f, txt, scale) + cfg.sd_weight * losses.self_distillation_loss(f, img, txt, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -246,16 +271,21 @@ def ensure_ladder(name: str = DEFAULT_LADDER, world_root: str | Path | None = No
         return models.get_ladder(name), Path(world_root) if world_root else None
     profile = PROFILES[name]
     teacher, inits = None, [None] * len(profile.archs)
+    for other in filter(None, {profile.teacher, profile.start_from}):
+        if PROFILES[other].world != profile.world:
+            raise ValueError(f"{name} must learn from {other}'s world")
     if profile.teacher:
-        if PROFILES[profile.teacher].world != profile.world:
-            raise ValueError(f"{name} must learn from its teacher {profile.teacher}'s world")
-        specs = [models.get_model(n) for n in ensure_ladder(profile.teacher, world_root, device, with_world=False)[0].levels]
-        teacher = specs[-1]
-        if profile.train.warm_start:
-            inits = [next(s for s in specs if s.arch == a) for a in profile.archs]
+        teacher = _specs(profile.teacher, world_root, device)[-1]
+    if profile.start_from:
+        specs = _specs(profile.start_from, world_root, device)
+        inits = [next(s for s in specs if s.arch == a) for a in profile.archs]
     ckpt_dir = models.cache_dir() / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    targets = [ckpt_dir / f"{a}-{level_digest(profile, a, teacher, i)}.pt" for a, i in zip(profile.archs, inits)]
+    if profile.self_pruning:  # every prefix is named by the digest of the one model it is cut from
+        digest = level_digest(profile, profile.archs[-1], init=inits[-1])
+        targets = [ckpt_dir / f"{a}-{digest}.pt" for a in profile.archs]
+    else:
+        targets = [ckpt_dir / f"{a}-{level_digest(profile, a, teacher, i)}.pt" for a, i in zip(profile.archs, inits)]
     with open(ckpt_dir / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per cache: a second process waits, then reuses the result
         root = None
@@ -267,22 +297,39 @@ def ensure_ladder(name: str = DEFAULT_LADDER, world_root: str | Path | None = No
     if teacher is not None:  # the students, then the teacher itself: one text tower for the whole cascade
         specs.append(teacher)
         about = f"distilled from {teacher.name}, whose text tower every level shares; world {profile.world.digest()}"
-    ladder = models.Ladder(name, tuple(s.name for s in specs), shared_text_tower=teacher is not None, description=about)
+    if profile.self_pruning:
+        about = (f"prefixes of {', '.join(map(str, prune.depths(profile.archs)))} blocks of {profile.archs[-1]} "
+                 f"(self-pruning), one text tower; world {profile.world.digest()}")
+    ladder = models.Ladder(name, tuple(s.name for s in specs), shared_text_tower=teacher is not None or profile.self_pruning,
+                           description=about)
     models.save_ladder(ladder, specs)
     return ladder, root
+
+
+def _specs(name: str, world_root: str | Path | None, device: str | None) -> list[models.ModelSpec]:
+    return [models.get_model(n) for n in ensure_ladder(name, world_root, device, with_world=False)[0].levels]
 
 
 def _train_missing(name: str, profile: Profile, root: Path, targets: list[Path], device: str | None,
                    teacher: models.ModelSpec | None, inits: list[models.ModelSpec | None]) -> None:
     if all(t.exists() for t in targets):
         return
-    paths, caps = world.load_split(root, "train")
-    pixels = load_pixels(paths, profile.world.image_size)
-    t0 = time.perf_counter()
-    tokenize = lambda arch: open_clip.get_tokenizer(arch)([c for cs in caps for c in cs]).view(len(caps), -1, 32)  # noqa: E731
-    targets_of = Teacher.embed(teacher, pixels, tokenize(teacher.arch), device) if teacher is not None else None
-    verb = "distil" if teacher is not None else "train"
-    for i, (arch, target, init) in enumerate(zip(profile.archs, targets, inits)):
-        train_level(arch, pixels, tokenize(arch), profile.train, target, device,
-                    desc=f"{verb} {i + 1}/{len(targets)} {arch}", teacher=targets_of, init=init)
-    log.info("trained ladder %s in %.0f s", name, time.perf_counter() - t0)
+    if not (profile.self_pruning and targets[-1].exists()):  # else only prefixes are missing: cut them again
+        paths, caps = world.load_split(root, "train")
+        pixels = load_pixels(paths, profile.world.image_size)
+        t0 = time.perf_counter()
+        tokenize = lambda arch: open_clip.get_tokenizer(arch)([c for cs in caps for c in cs]).view(len(caps), -1, 32)  # noqa: E731
+        if profile.self_pruning:  # one model to train; its prefixes are cut from it
+            train_level(profile.archs[-1], pixels, tokenize(profile.archs[-1]), profile.train, targets[-1], device,
+                        desc=f"train {profile.archs[-1]} with prefixes", init=inits[-1],
+                        prefixes=prune.depths(profile.archs))
+        else:
+            targets_of = Teacher.embed(teacher, pixels, tokenize(teacher.arch), device) if teacher is not None else None
+            verb = "distil" if teacher is not None else "train"
+            for i, (arch, target, init) in enumerate(zip(profile.archs, targets, inits)):
+                train_level(arch, pixels, tokenize(arch), profile.train, target, device,
+                            desc=f"{verb} {i + 1}/{len(targets)} {arch}", teacher=targets_of, init=init)
+        log.info("trained ladder %s in %.0f s", name, time.perf_counter() - t0)
+    if profile.self_pruning:
+        for depth, target in zip(prune.depths(profile.archs), targets):
+            prune.derive(targets[-1], depth, target)
