@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated cache directory so tests never touch the user's checkpoints or ladders, and a
 tiny indexed corpus for the serving tests."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -26,23 +27,36 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="module")
-def tiny_db(tmp_path_factory):
-    """The synthetic-tiny ladder's 300 test images indexed into a fresh db; the module shares its cache."""
+@pytest.fixture(scope="session")
+def indexed_ladder(tmp_path_factory):
+    """A context manager: ladder `name` trained in a cache of its own (kept while the context lasts) and its world's
+    test split indexed into a fresh db with its level 0; gives (ladder, world root, db)."""
     import ray
 
     from bicascade.pipelines import index, train
 
-    old = os.environ.get("BICASCADE_CACHE")
-    os.environ["BICASCADE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    _, root = train.ensure_ladder("synthetic-tiny")
-    db = str(tmp_path_factory.mktemp("db"))
-    try:
-        index.run_index(str(root / "test"), db, "synthetic-tiny")
-    finally:
-        ray.shutdown()
-    yield db
-    os.environ.pop("BICASCADE_CACHE") if old is None else os.environ.update(BICASCADE_CACHE=old)
+    @contextlib.contextmanager
+    def make(name: str):
+        old = os.environ.get("BICASCADE_CACHE")
+        os.environ["BICASCADE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+        try:
+            ladder, root = train.ensure_ladder(name)
+            db = str(tmp_path_factory.mktemp("db"))
+            try:
+                index.run_index(str(root / "test"), db, name)
+            finally:
+                ray.shutdown()
+            yield ladder, root, db
+        finally:
+            os.environ.pop("BICASCADE_CACHE") if old is None else os.environ.update(BICASCADE_CACHE=old)
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiny_db(indexed_ladder):
+    """The synthetic-tiny ladder's 300 test images indexed into a fresh db; the module shares its cache."""
+    with indexed_ladder("synthetic-tiny") as (_, _, db):
+        yield db
 
 
 @pytest.fixture(scope="session")

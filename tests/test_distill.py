@@ -77,22 +77,10 @@ def test_a_warm_started_student_keeps_its_own_image_tower_and_the_teacher_text_t
 
 
 @pytest.fixture(scope="module")
-def distilled(tmp_path_factory):
+def distilled(indexed_ladder):
     """The tiny teacher, its two distilled students, and the world's test split indexed with the student level 0."""
-    import ray
-
-    from bicascade.pipelines import index
-
-    old = os.environ.get("BICASCADE_CACHE")
-    os.environ["BICASCADE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    ladder, root = train.ensure_ladder(LADDER)
-    db = str(tmp_path_factory.mktemp("db"))
-    try:
-        index.run_index(str(root / "test"), db, LADDER)
-    finally:
-        ray.shutdown()
-    yield ladder, root, db
-    os.environ.pop("BICASCADE_CACHE") if old is None else os.environ.update(BICASCADE_CACHE=old)
+    with indexed_ladder(LADDER) as got:
+        yield got
 
 
 @pytest.fixture(autouse=True)

@@ -63,22 +63,10 @@ def test_self_distillation_vanishes_at_the_full_model_and_trains_only_the_prefix
 
 
 @pytest.fixture(scope="module")
-def pruned(tmp_path_factory):
+def pruned(indexed_ladder):
     """The tiny self-pruned ladder, trained once, with the world's test split indexed by its prefix level."""
-    import ray
-
-    from bicascade.pipelines import index
-
-    old = os.environ.get("BICASCADE_CACHE")
-    os.environ["BICASCADE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    ladder, root = train.ensure_ladder(LADDER)
-    db = str(tmp_path_factory.mktemp("db"))
-    try:
-        index.run_index(str(root / "test"), db, LADDER)
-    finally:
-        ray.shutdown()
-    yield ladder, root, db
-    os.environ.pop("BICASCADE_CACHE") if old is None else os.environ.update(BICASCADE_CACHE=old)
+    with indexed_ladder(LADDER) as got:
+        yield got
 
 
 @pytest.fixture(autouse=True)
