@@ -270,15 +270,16 @@ def ensure_ladder(name: str = DEFAULT_LADDER, world_root: str | Path | None = No
     if name not in PROFILES:
         return models.get_ladder(name), Path(world_root) if world_root else None
     profile = PROFILES[name]
-    teacher, inits = None, [None] * len(profile.archs)
-    for other in filter(None, {profile.teacher, profile.start_from}):
+    others = dict.fromkeys(filter(None, (profile.teacher, profile.start_from)))
+    for other in others:
         if PROFILES[other].world != profile.world:
             raise ValueError(f"{name} must learn from {other}'s world")
-    if profile.teacher:
-        teacher = _specs(profile.teacher, world_root, device)[-1]
-    if profile.start_from:
-        specs = _specs(profile.start_from, world_root, device)
-        inits = [next(s for s in specs if s.arch == a) for a in profile.archs]
+    for other in others:  # once per ladder, when the teacher is also the start (synthetic-distilled)
+        trained = ensure_ladder(other, world_root, device, with_world=False)[0]
+        others[other] = [models.get_model(n) for n in trained.levels]
+    teacher = others[profile.teacher][-1] if profile.teacher else None
+    inits = ([next(s for s in others[profile.start_from] if s.arch == a) for a in profile.archs] if profile.start_from
+             else [None] * len(profile.archs))
     ckpt_dir = models.cache_dir() / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if profile.self_pruning:  # every prefix is named by the digest of the one model it is cut from
@@ -306,14 +307,11 @@ def ensure_ladder(name: str = DEFAULT_LADDER, world_root: str | Path | None = No
     return ladder, root
 
 
-def _specs(name: str, world_root: str | Path | None, device: str | None) -> list[models.ModelSpec]:
-    return [models.get_model(n) for n in ensure_ladder(name, world_root, device, with_world=False)[0].levels]
-
-
 def _train_missing(name: str, profile: Profile, root: Path, targets: list[Path], device: str | None,
                    teacher: models.ModelSpec | None, inits: list[models.ModelSpec | None]) -> None:
     if all(t.exists() for t in targets):
         return
+    depths = prune.depths(profile.archs) if profile.self_pruning else ()
     if not (profile.self_pruning and targets[-1].exists()):  # else only prefixes are missing: cut them again
         paths, caps = world.load_split(root, "train")
         pixels = load_pixels(paths, profile.world.image_size)
@@ -321,8 +319,7 @@ def _train_missing(name: str, profile: Profile, root: Path, targets: list[Path],
         tokenize = lambda arch: open_clip.get_tokenizer(arch)([c for cs in caps for c in cs]).view(len(caps), -1, 32)  # noqa: E731
         if profile.self_pruning:  # one model to train; its prefixes are cut from it
             train_level(profile.archs[-1], pixels, tokenize(profile.archs[-1]), profile.train, targets[-1], device,
-                        desc=f"train {profile.archs[-1]} with prefixes", init=inits[-1],
-                        prefixes=prune.depths(profile.archs))
+                        desc=f"train {profile.archs[-1]} with prefixes", init=inits[-1], prefixes=depths)
         else:
             targets_of = Teacher.embed(teacher, pixels, tokenize(teacher.arch), device) if teacher is not None else None
             verb = "distil" if teacher is not None else "train"
@@ -331,5 +328,5 @@ def _train_missing(name: str, profile: Profile, root: Path, targets: list[Path],
                             desc=f"{verb} {i + 1}/{len(targets)} {arch}", teacher=targets_of, init=init)
         log.info("trained ladder %s in %.0f s", name, time.perf_counter() - t0)
     if profile.self_pruning:
-        for depth, target in zip(prune.depths(profile.archs), targets):
+        for depth, target in zip(depths, targets):
             prune.derive(targets[-1], depth, target)
