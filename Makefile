@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: help demo test test-fast bench clean
+.PHONY: help demo test test-fast lint format browser bench results figures clean
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -21,14 +21,43 @@ $(STAMP): pyproject.toml
 demo: $(STAMP) ## run the whole system on the embedded default (DEMO_ARGS="--no-serve --json" ...)
 	$(BIN)/bicascade demo $(DEMO_ARGS)
 
-test: $(STAMP) ## run the whole test suite
+lint: $(STAMP) ## ruff: the rules in pyproject.toml
+	$(BIN)/ruff check .
+
+test: lint browser ## lint, then the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) ## tests without the slow ones
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: lint ## lint, then the tests that start no Ray and train nothing big (about a minute)
+	$(BIN)/python -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
 
-bench: $(STAMP) ## run the benchmarks in bench/ (prints ratios)
-	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
+browser: ## Debian's Chromium for the page's browser test (installed with apt when missing and possible)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) ; } || \
+	  echo "no Chromium: the browser test will be skipped (install Debian's chromium to run it)"
+
+format: $(STAMP) ## sort imports and apply ruff's safe fixes
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP) ## the quick benchmarks (serving, and indexing 5,000 images); each prints the ratios it measured
+	$(BIN)/python bench/query.py && $(BIN)/python bench/build.py --images 5000
+
+results: $(STAMP) ## docs/RESULTS.md and its plots, rendered from the JSON under bench/results/
+	$(BIN)/python bench/results.py
+
+R := bench/results
+figures: $(STAMP) ## re-measure everything docs/RESULTS.md shows (hours on 2 cores; needs `make demo` first), then render it
+	$(BIN)/python bench/curves.py --out $(R)/curves.json && $(BIN)/python bench/curves.py --shipped --out $(R)/curves.json
+	$(BIN)/bicascade eval --db work/db --json > $(R)/eval_synthetic.json
+	$(BIN)/bicascade simulate --db work/db --queries 10000 --report work/report --json > $(R)/simulate_synthetic.json
+	$(BIN)/bicascade plan --db work/db --report docs --json > $(R)/plan_synthetic.json && mv docs/frontier.png docs/plan_frontier.png
+	$(BIN)/bicascade eval --db work/db --plan $(R)/plan_synthetic.json --json > $(R)/eval_synthetic_plan.json
+	$(BIN)/python bench/query.py --out $(R)/query_cpu.json
+	$(BIN)/python bench/build.py --out $(R)/build_cpu.json
+	$(BIN)/python bench/rss.py --out $(R)/rss_cpu.json
+	$(BIN)/python bench/stream.py --out $(R)/simulate_synthetic_100k.json
+	$(BIN)/python bench/million.py --out $(R)/million_cpu.json
+	$(BIN)/python bench/results.py
 
 clean: ## remove the virtualenv and build outputs
 	rm -rf $(VENV) build dist *.egg-info work

@@ -9,18 +9,15 @@ import ray
 from ray import serve
 
 from bicascade import images, models
+from bicascade.query import encode_stored
 from bicascade.storage import tables
 
 log = logging.getLogger("bicascade")
 
 
-def encode_stored(model: models.LoadedModel, db: tables.Database, ids: list[str]) -> np.ndarray:
-    """Encode images by id from the `images` table (their bytes never travel through the router)."""
-    blobs = db.image_bytes(ids)
-    missing = [i for i in ids if i not in blobs]
-    if missing:
-        raise KeyError(f"{len(missing)} ids are not in {db.uri}/{tables.IMAGES}, e.g. {missing[0]}")
-    return model.encode_images([images.to_rgb(images.decode(blobs[i])) for i in ids])
+class StaleEncoder(RuntimeError):
+    """A call meant for another model than this replica's: during a migration's rolling update an old router can
+    reach a new encoder. Refused, so no vector of one model lands in another's cache; the caller retries."""
 
 
 @serve.deployment  # options (autoscaling, queues, resources): serve/config.yaml
@@ -32,21 +29,41 @@ class Encoder:
         self.model = models.load_model(model)
         self.db = tables.Database(db)
         self.encoded = 0
-        log.info("encoder %s ready on %s", model, self.model.device)
+        log.info("encoder %s ready on %s", model.name, self.model.device)
+
+    def _mine(self, calls: list[tuple]) -> list:
+        """The payloads of (payload, fingerprint) calls, all of which must be for this replica's model."""
+        if any(fp != self.model.fingerprint for _, fp in calls):
+            raise StaleEncoder(f"encoder of {self.model.spec.name} ({self.model.fingerprint}) asked for another model")
+        return [payload for payload, _ in calls]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def encode_texts(self, texts: list[str]) -> list[np.ndarray]:
-        return list(await asyncio.to_thread(self.model.encode_texts, texts))
+    async def encode_texts(self, calls: list[tuple[str, str]]) -> list[np.ndarray]:
+        """(query text, fingerprint) calls of concurrent queries, embedded in one pass."""
+        return list(await asyncio.to_thread(self.model.encode_texts, self._mine(calls)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def encode_images(self, id_lists: list[list[str]]) -> list[np.ndarray]:
+    async def encode_images(self, calls: list[tuple[list[str], str]]) -> list[np.ndarray]:
         """Each call is one query's misses of this level; concurrent queries share one forward pass."""
+        id_lists = self._mine(calls)
         flat = [i for ids in id_lists for i in ids]
         out = await asyncio.to_thread(encode_stored, self.model, self.db, flat)
         self.encoded += len(flat)
         bounds = np.cumsum([0] + [len(ids) for ids in id_lists])
         return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def encode_upload(self, calls: list[tuple[bytes, str]]) -> list[np.ndarray]:
+        """Query images sent by clients: decoded here (bounded in bytes and pixels before decoding), one vector each."""
+        blobs = self._mine(calls)
+
+        def run() -> np.ndarray:
+            crops = np.stack([self.model.preprocess.crop(images.load(b, max_pixels=images.MAX_UPLOAD_PIXELS).rgb)
+                              for b in blobs])
+            return self.model.encode_crops(crops)
+        return list(await asyncio.to_thread(run))
+
     def info(self) -> dict:
         return {"model": self.model.spec.name, "fingerprint": self.model.fingerprint, "dim": self.model.dim,
-                "encoded": self.encoded, "node": ray.get_runtime_context().get_node_id()}
+                "encoded": self.encoded, "node": ray.get_runtime_context().get_node_id(),
+                "device": str(self.model.device)}

@@ -1,99 +1,90 @@
-"""Algorithm 1 over a ladder stored in LanceDB: in process (`bicascade search`) or as the Serve router whose levels
-are Encoder deployments; expensive embeddings are written back to per-level cache tables by one writer each."""
+"""Algorithm 1 as the Serve router: its levels are Encoder deployments; query embeddings of every level are requested
+at once (and cached by query text), level 0 is an in-memory matrix or the ANN index, expensive embeddings are
+written back to per-level cache tables by one writer actor each for the whole cluster."""
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
-from concurrent.futures import Future
-from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 from ray import serve
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from bicascade import costs, models
-from bicascade.actors.encoder import encode_stored
-from bicascade.cascade import Cascade, Level, SearchOutput
-from bicascade.storage import cache, tables
+from bicascade import costs
+from bicascade.actors import metrics
+from bicascade.cascade import Cascade, Level, dedup
+from bicascade.errors import BadInputError, NotIndexedError
+from bicascade.query import LevelInfo, response
+from bicascade.storage import cache, filters, tables
+
+log = logging.getLogger("bicascade")
 
 
 @dataclass(frozen=True)
-class LevelInfo:
-    name: str
-    fingerprint: str
-    dim: int
-    gflops: float
-    text: int  # the first level with this level's text tower: whose text embedding this level uses
-
-
-def ladder_levels(ladder: str) -> list[LevelInfo]:
-    """Fingerprints and costs without loading weights: the table names and the cost model of every level."""
-    names = models.get_ladder(ladder).levels
-    out = []
-    for name, text in zip(names, models.text_encoders(names)):
-        spec = models.get_model(name)
-        pp_cfg, dim = models.describe(spec)
-        out.append(LevelInfo(name, models.fingerprint(spec, pp_cfg), dim, costs.image_gflops(name), text))
-    return out
-
-
-class InFlight:
-    """Concurrent queries that miss the same image encode it once: later askers wait for the first one's result."""
-
-    def __init__(self, store: cache.LevelCache) -> None:
-        self.store = store
-        self.lock = threading.Lock()
-        self.pending: dict[str, Future] = {}
-
-    def encode(self, ids: list[str], encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-        with self.lock:
-            theirs = {i: self.pending[i] for i in ids if i in self.pending}
-            mine = [i for i in ids if i not in theirs]
-            for i in mine:
-                self.pending[i] = Future()
-        got: dict[str, np.ndarray] = {}
-        try:
-            if mine:
-                got = dict(zip(mine, encode(mine)))
-                self.store.remember(got)  # visible to cache look-ups before the futures go away
-            for i in mine:
-                self.pending[i].set_result(got[i])
-        except BaseException as e:
-            for i in mine:
-                self.pending[i].set_exception(e)
-            raise
-        finally:
-            with self.lock:
-                for i in mine:
-                    self.pending.pop(i, None)
-        return np.stack([got[i] if i in got else theirs[i].result() for i in ids])
+class RouterConfig:
+    front_mb: int = 64  # per level: the LRU of cached embeddings in this replica's memory
+    memory_mb: int = 256  # level 0 is searched in memory while its vectors fit this
+    text_cache: int = 10_000  # query embeddings kept per text tower (popular queries repeat)
+    uri_cache: int = 100_000
+    refresh_s: float = 5.0  # how often the corpus is checked for rows an index job added (the live-update bound)
+    cache_rows: int | None = None  # per cache table: past this, the least recently hit rows are evicted
+    margin: float | None = None  # adaptive cutoffs (a `bicascade plan` choice)
+    audit_fraction: float = 0.01  # queries also ranked deeper, off the request path, to estimate the recall kept
+    audit_factor: int = 4  # the audit's top level ranks audit_factor x m_1 level-0 candidates
 
 
 @ray.remote(num_cpus=0)
 class CacheWriter:
     """The one writer of a level's cache table in the whole cluster (a named actor): batches by size and age."""
 
-    def __init__(self, db: str, fingerprint: str, dim: int, flush_rows: int = 256, flush_s: float = 2.0) -> None:
-        self.cache = cache.LevelCache(tables.Database(db), fingerprint, dim, flush_rows=flush_rows, flush_s=flush_s)
+    def __init__(self, db: str, fingerprint: str, dim: int, flush_rows: int = 256, flush_s: float = 2.0,
+                 max_rows: int | None = None) -> None:
+        self.cache = cache.LevelCache(tables.Database(db), fingerprint, dim, flush_rows=flush_rows, flush_s=flush_s,
+                                      max_rows=max_rows)
         self.stop = threading.Event()
         threading.Thread(target=self._tick, daemon=True).start()
 
     def put(self, ids: list[str], vectors: np.ndarray) -> None:
         self.cache.put(ids, vectors)
 
+    def hit(self, ids: list[str]) -> None:
+        self.cache.hit(ids)
+
     def flush(self) -> int:
         return self.cache.flush()
+
+    def recent(self, window_s: float) -> int:
+        return self.cache.recent(window_s)
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
     def _tick(self) -> None:
+        failing = False
         while not self.stop.wait(self.cache.flush_s / 2):
-            self.cache.maybe_flush()
+            try:
+                self.cache.maybe_flush()
+                if self.cache.hits and time.monotonic() - self.cache.last_flush >= self.cache.flush_s:
+                    self.cache.apply_hits()
+                if failing:
+                    log.warning("cache writes to %s work again", self.cache.name)
+                failing = False
+            except Exception as e:  # a full or read-only disk: keep the batch, answer queries, retry later
+                if not failing:
+                    log.error("cache write to %s failed (%s: %s); %d embeddings kept in memory and retried",
+                              self.cache.name, type(e).__name__, str(e).splitlines()[0][:200],
+                              len(self.cache.pending))
+                failing = True
+                self.cache.last_flush = time.monotonic()
 
 
-def writer_for(db: str, level: LevelInfo) -> ray.actor.ActorHandle:
+def writer_for(db: str, level: LevelInfo, max_rows: int | None = None) -> ray.actor.ActorHandle:
     """The cluster's one writer of this level's cache table, on the head node (it outlives autoscaled-away
     workers there; it needs no CPU). Hard affinity: soft affinity placed actors elsewhere in about half the tries."""
     head = next((n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]), None)
@@ -101,93 +92,300 @@ def writer_for(db: str, level: LevelInfo) -> ray.actor.ActorHandle:
     # restarted when it dies (losing only its unflushed batch), and calls made meanwhile are retried on the new one
     return CacheWriter.options(name=f"bicascade-cache-{level.fingerprint}", namespace="bicascade", get_if_exists=True,
                                lifetime="detached", scheduling_strategy=strategy, max_restarts=-1,
-                               max_task_retries=-1).remote(db, level.fingerprint, level.dim)
+                               max_task_retries=-1).remote(db, level.fingerprint, level.dim, max_rows=max_rows)
 
 
-def local_cascade(db_uri: str, ladder: str, cutoffs: Sequence[int],
-                  device: str | None = None) -> tuple[Cascade, list[cache.LevelCache]]:
-    """Everything in this process: models loaded here, caches written back directly (call `flush` at the end)."""
-    db = tables.Database(db_uri)
-    infos = ladder_levels(ladder)
-    index = cache.CorpusTable(db, infos[0].fingerprint)
-    stores, levels = [], []
-    for j, info in enumerate(infos):
-        model = models.load_model(info.name, device=device)
-        store = cache.LevelCache(db, info.fingerprint, info.dim) if j else None
-        # a shared text tower is one callable, which the cascade calls once per query
-        text = levels[info.text].encode_text if info.text < j else model.encode_texts
-        levels.append(Level(info.name, text, lambda ids, m=model: encode_stored(m, db, ids),
-                            cache=store, gflops=info.gflops))
-        stores += [store] if store else []
-    return Cascade(index, levels, cutoffs), stores
+class HitBuffer:
+    """Cache hits of one level, sent to its writer about once a second (not one call per query)."""
+
+    def __init__(self, writer: ray.actor.ActorHandle, every_s: float = 1.0) -> None:
+        self.writer, self.ids, self.lock = writer, [], threading.Lock()
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every_s):
+                with self.lock:
+                    ids, self.ids = self.ids, []
+                if ids:
+                    self.writer.hit.remote(ids)
+        threading.Thread(target=loop, daemon=True, name="bicascade-hits").start()
+
+    def add(self, ids: list[str]) -> None:
+        with self.lock:
+            self.ids += ids
 
 
-def to_json(out: SearchOutput, uris: dict[str, str], level_names: Sequence[str], text_encodes: int) -> dict:
-    """The HTTP API's response document (DESIGN.md §3), with per-result provenance and the query's text embeddings
-    computed (one per distinct text tower)."""
-    return {"results": [{"id": r.id, "score": r.score, "uri": uris.get(r.id),
-                         "levels": [{"model": level_names[j], "score": s, "cached": j > 0 and r.cached[j - 1]}
-                                    for j, s in enumerate(r.scores)]} for r in out.results],
-            "stats": {"levels": [{k: v for k, v in asdict(s).items() if k != "gflops"} | {"gflops": s.gflops}
-                                 for s in out.levels], "ms": out.ms, "gflops": out.gflops,
-                      "text_encodes": text_encodes}}
+class Audit:
+    """A sample of live queries ranked deeper: the recall@k the cutoffs keep, estimated online."""
+
+    def __init__(self, fraction: float, seed: int = 0) -> None:
+        self.fraction, self.rng = fraction, np.random.default_rng(seed)
+        self.queries = 0
+        self.kept = 0.0
+        self.encoded = 0
+        self.gflops = 0.0
+
+    def sample(self) -> bool:
+        return self.fraction > 0 and self.rng.random() < self.fraction
+
+    def add(self, kept: float, encoded: int, gflops: float) -> None:
+        self.queries += 1
+        self.kept += kept
+        self.encoded += encoded
+        self.gflops += gflops
+
+    @property
+    def recall(self) -> float | None:
+        return self.kept / self.queries if self.queries else None
+
+    def to_json(self) -> dict:
+        return {"fraction": self.fraction, "queries": self.queries, "recall_kept": self.recall,
+                "images_encoded": self.encoded, "gflops": self.gflops}
+
+
+class Lru:
+    """A bounded mapping: the least recently used entry goes first."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.items = size, OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        return None
+
+    def put(self, key, value) -> None:
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
 
 
 @serve.deployment  # options (autoscaling, queues, resources): serve/config.yaml
 class Router:
-    """Algorithm 1 over Encoder handles: level-0 ANN in LanceDB, per-level caches, batched misses, write-back."""
+    """Algorithm 1 over Encoder handles: level 0 over the corpus, per-level caches, batched misses, write-back."""
 
-    def __init__(self, db: str, infos: list[LevelInfo], cutoffs: list[int], encoders: list) -> None:
+    def __init__(self, db: str, infos: list[LevelInfo], cutoffs: list[int], encoders: list,
+                 config: RouterConfig = RouterConfig()) -> None:
         self.db = tables.Database(db)
         self.infos = infos  # computed by the driver: a replica on another node needs no model registry
-        self.encoders = encoders
-        self.index = cache.CorpusTable(self.db, self.infos[0].fingerprint)
-        self.writers = [writer_for(db, info) for info in self.infos[1:]]
-        self.stores = [cache.LevelCache(self.db, info.fingerprint, info.dim,
-                                        sink=lambda ids, v, w=w: w.put.remote(ids, v))
-                       for info, w in zip(self.infos[1:], self.writers)]
-        self.inflight = [InFlight(s) for s in self.stores]
-        # one text callable per distinct text tower, as in local_cascade: the cascade embeds a query once per tower
-        text = {t: self._text(t) for t in dict.fromkeys(i.text for i in self.infos)}
-        levels = [Level(self.infos[0].name, text[self.infos[0].text], self._images(0), gflops=self.infos[0].gflops)]
-        for j, (info, store) in enumerate(zip(self.infos[1:], self.stores), start=1):
-            levels.append(Level(info.name, text[info.text], self._images(j), cache=store, gflops=info.gflops))
+        self.encoders, self.config = encoders, config
+        self.corpus = cache.Corpus(self.db, infos[0].fingerprint, memory_bytes=config.memory_mb << 20)
+        self.writers = [writer_for(db, info, config.cache_rows) for info in infos[1:]]
+        self.hit_buffers = [HitBuffer(w) for w in self.writers]
+        self.stores = [cache.LevelCache(self.db, info.fingerprint, info.dim, front_bytes=config.front_mb << 20,
+                                        sink=lambda ids, v, w=w: w.put.remote(ids, v), hit_sink=b.add)
+                       for info, w, b in zip(infos[1:], self.writers, self.hit_buffers)]
+        self.inflight = [cache.InFlight(s) for s in self.stores]
+        self.towers = list(dict.fromkeys(i.text for i in infos))  # one query embedding per distinct text tower
+        self.texts = Lru(config.text_cache * len(self.towers))
+        self.uris = Lru(config.uri_cache)
+        self.filtered = Lru(64)  # filter -> allowed ids, per images-table version
+        levels = [Level(infos[0].name, self._no_text, self._images(0), gflops=infos[0].gflops)]
+        for j, (info, store) in enumerate(zip(infos[1:], self.stores), start=1):
+            levels.append(Level(info.name, self._no_text, self._images(j), cache=store, gflops=info.gflops))
         # the full cascade and the shallower ones over the same levels and caches (`levels: 1` is level 0 alone)
-        self.by_depth = {d: Cascade(self.index, levels[:d], cutoffs[:d - 1]) for d in range(1, len(levels) + 1)}
+        self.by_depth = {d: Cascade(self.corpus, levels[:d], cutoffs[:d - 1], config.margin)
+                         for d in range(1, len(levels) + 1)}
         self.queries = 0
+        self.audit = Audit(config.audit_fraction)
+        self.audit_front = cache.LruVectors(32 << 20)
+        self.metrics = metrics.Recorder()
+        self.stop = metrics.start_flusher(self.metrics)
+        self.last_refresh = time.monotonic()
 
-    def _text(self, j: int) -> Callable[[list[str]], np.ndarray]:
-        return lambda texts: np.stack([self.encoders[j].encode_texts.remote(t).result() for t in texts])
+    @staticmethod
+    def _no_text(texts: list[str]) -> np.ndarray:
+        raise AssertionError("the router computes query embeddings itself")
 
     def _images(self, j: int) -> Callable[[list[str]], np.ndarray]:
-        call = lambda ids: self.encoders[j].encode_images.remote(ids).result()  # noqa: E731
+        def call(ids: list[str]) -> np.ndarray:
+            t0 = time.perf_counter()
+            out = self.encoders[j].encode_images.remote((ids, self.infos[j].fingerprint)).result()
+            self.metrics.observe("bicascade_level_encode_seconds", time.perf_counter() - t0, level=str(j),
+                                 model=self.infos[j].name)
+            return out
         return lambda ids: self.inflight[j - 1].encode(ids, call) if j else call(ids)
 
-    def search(self, query: str, k: int, depth: int | None = None) -> dict:
-        cascade = self.by_depth[depth or len(self.infos)]
-        # every distinct text tower's embedding at once: one round trip of latency, not one per level
-        towers = [i.text for i in self.infos[:len(cascade.levels)]]
-        pending = {t: self.encoders[t].encode_texts.remote(query) for t in dict.fromkeys(towers)}
-        text = {t: p.result() for t, p in pending.items()}
-        out = cascade.search(query, k, text=[text[t] for t in towers])
+    async def _text_vectors(self, query: str, depth: int) -> list[np.ndarray]:
+        """Every level's query embedding: from the cache, else all distinct text towers asked at once."""
+        towers = [i.text for i in self.infos[:depth]]
+        got = {t: self.texts.get((t, query)) for t in dict.fromkeys(towers)}
+        missing = [t for t, v in got.items() if v is None]
+        if missing:
+            fresh = await asyncio.gather(*[self.encoders[t].encode_texts.remote((query, self.infos[t].fingerprint))
+                                           for t in missing])
+            for t, v in zip(missing, fresh):
+                self.texts.put((t, query), v)
+                got[t] = v
+        self.metrics.inc("bicascade_text_cache_hits_total", len(got) - len(missing))
+        self.metrics.inc("bicascade_text_encodes_total", len(missing))
+        return [got[t] for t in towers]
+
+    async def _image_vectors(self, depth: int, image_id: str | None, image: bytes | None) -> list[np.ndarray]:
+        """Every level's embedding of the query image: an indexed image's stored (or cached) vectors, computed and
+        written back where missing; an uploaded image's, each level with its own image tower."""
+        if image is not None:
+            return list(await asyncio.gather(*[self.encoders[j].encode_upload.remote((image, self.infos[j].fingerprint))
+                                               for j in range(depth)]))
+        try:
+            first = self.corpus.vectors([image_id])[0]
+        except KeyError:
+            raise NotIndexedError(f"no indexed image {image_id!r}") from None
+        out = [first]
+        for j in range(1, depth):
+            stored = self.stores[j - 1].get([image_id])
+            out.append(stored[image_id] if image_id in stored else
+                       (await asyncio.to_thread(self.inflight[j - 1].encode, [image_id], self._encode_one(j)))[0])
+        return out
+
+    def _encode_one(self, j: int) -> Callable[[list[str]], np.ndarray]:
+        def call(ids: list[str]) -> np.ndarray:
+            vectors = self.encoders[j].encode_images.remote((ids, self.infos[j].fingerprint)).result()
+            self.stores[j - 1].put(ids, vectors)
+            return vectors
+        return call
+
+    def _allowed(self, where: filters.Filter | None):
+        if where is None:
+            return None
+        key = (where.key(), self.db.version(tables.IMAGES), self.corpus.version)
+        allowed = self.filtered.get(key)
+        if allowed is None:
+            rows = self.db.dataset(tables.IMAGES).to_table(columns=list(filters.Filter.COLUMNS))
+            ids = np.asarray(rows.column("id").to_pylist(), dtype=object)[where.mask(rows)]
+            allowed = self.corpus.allow(list(ids))
+            self.filtered.put(key, allowed)
+        return allowed
+
+    def _maybe_refresh(self) -> None:
+        """A live index job's new rows, within `refresh_s` (a version check; the reload runs off the request)."""
+        now = time.monotonic()
+        if now - self.last_refresh >= self.config.refresh_s:
+            self.last_refresh = now
+            threading.Thread(target=self.corpus.refresh, daemon=True).start()
+
+    async def search(self, req: dict) -> dict:
+        """`req`: exactly one of query / image_id / image (bytes), k, depth, offset, min_score, dedup, where."""
+        t0 = time.perf_counter()
+        self._maybe_refresh()
+        depth = req.get("depth") or len(self.infos)
+        cascade = self.by_depth[depth]
+        where = filters.Filter.parse(req.get("where"))
+        if req.get("query") is not None:
+            vectors = await self._text_vectors(req["query"], depth)
+        else:
+            vectors = await self._image_vectors(depth, req.get("image_id"), req.get("image"))
+        t_vectors = time.perf_counter()
+        offset, k = req.get("offset", 0), req.get("k", 10)
+        # dedup needs spare candidates: rank as many as the last level keeps, then collapse and page
+        cap = cascade.cutoffs[-1] if cascade.cutoffs else offset + k  # what the cascade's last level ranks
+        want = cap if req.get("dedup") is not None else min(offset + k, cap)
+        out = await asyncio.to_thread(cascade.search, "", want, vectors, self._allowed(where))
+        t_cascade = time.perf_counter()
+        keep = list(range(len(out.results)))
+        if req.get("dedup") is not None and out.results:
+            final = out.vectors if out.vectors is not None else self.corpus.vectors([r.id for r in out.results])
+            keep = dedup(np.asarray(final), req["dedup"])
+        if req.get("min_score") is not None:
+            keep = [n for n in keep if out.results[n].score >= req["min_score"]]
+        out.results = [out.results[n] for n in keep[offset:offset + k]]
+        uris = self._uris([r.id for r in out.results])
+        doc = response(out, uris, [i.name for i in self.infos], len({i.text for i in self.infos[:depth]}))
+        self._count(out, depth, time.perf_counter() - t0)
+        if depth == len(self.infos) > 1 and where is None and not offset and self.audit.sample():
+            asyncio.get_running_loop().create_task(self._audit(vectors, [r.id for r in out.results], k))
+        doc["stats"]["timing"] = {"router_ms": _ms(t0), "query_vectors_ms": round((t_vectors - t0) * 1000, 3),
+                                  "cascade_ms": round((t_cascade - t_vectors) * 1000, 3)}
+        return doc
+
+    async def _audit(self, vectors: list[np.ndarray], served: list[str], k: int) -> None:
+        """Rank the query with the top level over audit_factor x m_1 level-0 candidates (the cascade's cutoffs
+        removed) and count how much of that top k the served results kept. Its embeddings are not cached: the
+        cache stays what the cascade itself needed."""
+        try:
+            top = len(self.infos) - 1
+            m = self.config.audit_factor * self.by_depth[len(self.infos)].cutoffs[0]
+            ids, _ = await asyncio.to_thread(self.corpus.search, vectors[0], m)
+            found = self.audit_front.get(ids)
+            rest = [i for i in ids if i not in found]
+            found |= await asyncio.to_thread(self.stores[top - 1].remembered_or_stored, rest)
+            missing = [i for i in ids if i not in found]
+            if missing:
+                vectors = await self.encoders[top].encode_images.remote((missing, self.infos[top].fingerprint))
+                fresh = dict(zip(missing, vectors))
+                self.audit_front.put(fresh)  # popular topics are audited again: their extra embeddings are kept here
+                found |= fresh
+            scores = np.stack([found[i] for i in ids]) @ vectors[top]
+            truth = [ids[n] for n in np.argsort(-scores, kind="stable")[:k]]
+            self.audit.add(len(set(truth) & set(served[:k])) / max(1, min(k, len(truth))), len(missing),
+                           len(missing) * self.infos[top].gflops)
+            self.metrics.set("bicascade_audit_recall", self.audit.recall)
+        except Exception as e:  # the audit must never disturb serving
+            log.warning("recall audit failed: %s", e)
+
+    def _uris(self, ids: list[str]) -> dict[str, str]:
+        got = {i: self.uris.get(i) for i in ids}
+        missing = [i for i, u in got.items() if u is None]
+        if missing:
+            for i, u in self.db.uris(missing).items():
+                self.uris.put(i, u)
+                got[i] = u
+        return got
+
+    def _count(self, out, depth: int, seconds: float) -> None:
         self.queries += 1
-        return to_json(out, self.db.uris([r.id for r in out.results]), [i.name for i in self.infos],
-                       cascade.text_encodes)
+        self.metrics.observe("bicascade_query_seconds", seconds, depth=str(depth))
+        for j, s in enumerate(out.levels):
+            labels = {"level": str(j), "model": s.model}
+            self.metrics.inc("bicascade_level_candidates_total", s.candidates, **labels)
+            self.metrics.inc("bicascade_level_cache_hits_total", s.cache_hits, **labels)
+            self.metrics.inc("bicascade_level_images_encoded_total", s.encoded, **labels)
+            self.metrics.inc("bicascade_level_encoder_gflops_total", s.gflops, **labels)
 
     def image(self, id_: str) -> bytes | None:
         return self.db.image_bytes([id_]).get(id_)
+
+    def metadata(self, ids: list[str]) -> list[dict]:
+        rows = self.db.take(tables.IMAGES, ids, ["id", "uri", "caption", "width", "height", "meta"]).to_pylist()
+        return rows
 
     def flush(self) -> int:
         return sum(ray.get([w.flush.remote() for w in self.writers]))
 
     def stats(self) -> dict:
-        rows = self.index.rows
+        self.corpus.refresh()
+        rows = self.corpus.rows
         cached = [s.rows() for s in self.stores]
         spent = rows * self.infos[0].gflops + sum(c * i.gflops for c, i in zip(cached, self.infos[1:]))
         full = rows * self.infos[-1].gflops
+        for j, (info, c) in enumerate(zip(self.infos, [rows, *cached])):
+            self.metrics.set("bicascade_cache_rows", c, level=str(j), model=info.name)
+            self.metrics.set("bicascade_live_coverage", c / rows if rows else 0.0, level=str(j))
+        window = 3600.0
+        recent = ray.get([w.recent.remote(window) for w in self.writers])
+        live = [r / rows if rows else 0.0 for r in recent]
+        gflops = [i.gflops for i in self.infos]
         return {"rows": rows, "queries": self.queries, "cutoffs": self.by_depth[len(self.infos)].cutoffs,
-                "levels": [{"model": self.infos[0].name, "cached": rows, "coverage": 1.0}]
-                + [{"model": i.name, "cached": c, "coverage": c / rows if rows else 0.0}
+                "live_p": {"window_s": window, "levels": live,
+                           "f_life_eq1": costs.f_life(gflops, min(1.0, live[0])) if live else None},
+                "audit": self.audit.to_json(),
+                "levels": [{"model": self.infos[0].name, "cached": rows, "coverage": 1.0,
+                            "gflops": self.infos[0].gflops}]
+                + [{"model": i.name, "cached": c, "coverage": c / rows if rows else 0.0, "gflops": i.gflops}
                    for i, c in zip(self.infos[1:], cached)],
                 "encoder_gflops": spent, "uncascaded_gflops": full,
                 "cost_ratio": full / spent if spent else None}
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
+def check_request(req: dict, depth: int) -> None:
+    if sum(req.get(key) is not None for key in ("query", "image_id", "image")) != 1:
+        raise BadInputError("give exactly one of query, image_id, image")

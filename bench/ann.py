@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -20,20 +20,21 @@ from bicascade.storage import tables
 
 
 def clustered(rng: np.random.Generator, n: int, dim: int, centers: np.ndarray) -> np.ndarray:
-    x = centers[rng.integers(len(centers), size=n)] + rng.normal(0, 1.0 / np.sqrt(dim), (n, dim)).astype(np.float32) * 0.8
+    noise = rng.normal(0, 1.0 / np.sqrt(dim), (n, dim)).astype(np.float32)
+    x = centers[rng.integers(len(centers), size=n)] + noise * 0.8
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def measure(db: tables.Database, queries: np.ndarray, truth: list[set[str]], k: int,
-            plan: tables.IndexPlan | None) -> dict:
+            params: tables.AnnParams | None) -> dict:
     lat, hits = [], []
     for q, t in zip(queries, truth):
         s = time.perf_counter()
-        ids, _ = db.search("bench", q, k, plan)
+        ids, _ = db.search("bench", q, k, params)
         lat.append(time.perf_counter() - s)
         hits.append(len(t & set(ids)) / k)
-    return {"nprobes": plan and plan.nprobes, "ef": plan and plan.ef, "refine_factor": plan and plan.refine_factor,
-            f"recall_at_{k}": round(float(np.mean(hits)), 4), "p50_ms": round(1000 * float(np.median(lat)), 2)}
+    knobs = {"nprobes": params.nprobes, "ef": params.ef, "refine_factor": params.refine_factor} if params else {}
+    return {**knobs, f"recall_at_{k}": round(float(np.mean(hits)), 4), "p50_ms": round(1000 * float(np.median(lat)), 2)}
 
 
 def main() -> None:
@@ -67,13 +68,13 @@ def main() -> None:
         results = []
         for index_type in args.index.split(","):
             t0 = time.perf_counter()
-            plan = db.build_ann("bench", min_rows=0, index_type=index_type)
+            params = db.build_ann("bench", min_rows=0, index_type=index_type)
             build_s = time.perf_counter() - t0
-            refines = [plan.refine_factor, 2 * plan.refine_factor] if plan.refine_factor else [None]
-            sweep = [measure(db, queries, truth, args.k, replace(plan, nprobes=n, refine_factor=r))
-                     for n in (plan.nprobes // 2, plan.nprobes, 2 * plan.nprobes) for r in refines]
-            results.append({"index": index_type, "partitions": plan.num_partitions, "build_s": round(build_s, 1),
-                            "default": asdict(plan), "sweep": sweep})
+            refines = [params.refine_factor, 2 * params.refine_factor] if params.refine_factor else [None]
+            sweep = [measure(db, queries, truth, args.k, replace(params, nprobes=n, refine_factor=r))
+                     for n in (params.nprobes // 2, params.nprobes, 2 * params.nprobes) for r in refines]
+            results.append({"index": index_type, "partitions": params.num_partitions, "build_s": round(build_s, 1),
+                            "default": asdict(params), "sweep": sweep})
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         exact = measure(db, queries[:20], truth[:20], args.k, None)
         print(json.dumps({"rows": args.rows, "dim": args.dim, "k": args.k, "write_s": round(write_s, 1),

@@ -1,64 +1,70 @@
-"""Build throughput: the full Ray Data index job vs a bare single-process decode+encode loop, same model, batch
-size and threads, on a generated corpus. Prints both and their ratio, end to end and after start-up (the job's
-first seconds go to starting worker processes that import torch and load the model). Not a test.
+"""Build throughput: the Ray Data index job against a bare single-process decode + crop + encode loop over the same
+files, with the same model, batch size and threads. Prints both rates and their ratio, end to end and after
+start-up (the job's first seconds go to starting workers that import torch and load the model), for each size.
+Not a test.
 
-    python bench/build.py [--images 3000] [--ladder synthetic] [--batch-size 64]
+    python bench/build.py [--images 5000,100000] [--ladder synthetic] [--out bench/results/build_cpu.json]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from common import emit
 
 from bicascade import images, models
-from bicascade.pipelines import index, train, world
+from bicascade.pipelines.ingest import index
+from bicascade.pipelines.lab import train, world
 
 
 def bare_loop(paths: list[str], spec: models.ModelSpec, batch_size: int, threads: int) -> float:
-    """Seconds to read, decode, preprocess and encode every image in one process."""
+    """Seconds to read, hash, decode, crop and encode every image in one process (the model load included)."""
     models.set_threads(threads)
     t0 = time.perf_counter()
     model = models.load_model(spec)
     for i in range(0, len(paths), batch_size):
-        pixels = []
+        crops = []
         for p in paths[i:i + batch_size]:
             data = Path(p).read_bytes()
             images.content_id(data)
-            pixels.append(model.preprocess(images.to_rgb(images.decode(data))))
-        model.encode_pixels(torch.stack(pixels))
+            crops.append(model.preprocess.crop(images.load(data).rgb))
+        model.encode_crops(np.stack(crops))
     return time.perf_counter() - t0
+
+
+def measure(n: int, spec: models.ModelSpec, ladder: str, batch_size: int, tmp: Path) -> dict:
+    cfg = world.WorldConfig(seed=7, train=0, val=0, test=n)
+    root = world.make_world(tmp / f"world-{n}", cfg)
+    paths = [str(p) for p in sorted((root / "test").iterdir())]
+    bare = bare_loop(paths, spec, batch_size, torch.get_num_threads())
+    report = index.run_index(str(root / "test"), str(tmp / f"db-{n}"), ladder, index.IndexConfig(batch_size=batch_size))
+    bare_rate, job = len(paths) / bare, len(paths) / report.seconds
+    steady = (len(paths) - batch_size) / (report.seconds - report.startup_s)  # after the first batch reached the writer
+    return {"images": len(paths), "bare_images_per_s": round(bare_rate, 1), "job_images_per_s": round(job, 1),
+            "ratio": round(job / bare_rate, 3), "job_startup_s": report.startup_s,
+            "job_seconds": report.seconds, "job_steady_images_per_s": round(steady, 1),
+            "steady_ratio": round(steady / bare_rate, 3)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=3000)
-    ap.add_argument("--ladder", default="synthetic")
+    ap.add_argument("--images", default="5000,100000")
+    ap.add_argument("--ladder", default=train.SYNTHETIC)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ladder, _ = train.ensure_ladder(args.ladder, with_world=False)
     spec = models.get_model(ladder.levels[0])
-    tmp = Path(tempfile.mkdtemp(prefix="bicascade-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="bicascade-build-"))
     try:
-        cfg = replace(world.WorldConfig(seed=7), train=0, val=0, test=args.images)
-        root = world.make_world(tmp / "world", cfg)
-        paths = [str(p) for p in sorted((root / "test").iterdir())]
-        bare = bare_loop(paths, spec, args.batch_size, torch.get_num_threads())
-        doc = index.run_index(str(root / "test"), str(tmp / "db"), args.ladder, index.IndexConfig(batch_size=args.batch_size))
-        bare_rate, job = len(paths) / bare, len(paths) / doc["seconds"]
-        # rate after the first encoded batch reached the writer (that batch excluded)
-        steady = (len(paths) - args.batch_size) / (doc["seconds"] - doc["startup_s"])
-        result = {"images": len(paths), "model": spec.name, "batch_size": args.batch_size,
-                  "threads": torch.get_num_threads(), "bare_images_per_s": round(bare_rate, 1),
-                  "ray_job_images_per_s": round(job, 1), "ratio": round(job / bare_rate, 3),
-                  "ray_job_startup_s": doc["startup_s"], "ray_job_steady_images_per_s": round(steady, 1),
-                  "steady_ratio": round(steady / bare_rate, 3)}
-        print(json.dumps(result, indent=2))
+        runs = [measure(int(n), spec, ladder.name, args.batch_size, tmp) for n in args.images.split(",")]
+        result = {"model": spec.name, "batch_size": args.batch_size, "threads": torch.get_num_threads(), "runs": runs}
+        emit(result, args.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

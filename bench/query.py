@@ -1,113 +1,168 @@
-"""Query serving: through one `bicascade serve` app over HTTP on 127.0.0.1, p50/p99 latency of warm-cache cascaded
-queries vs level-0-only queries and queries/s at saturation; in process, the cold-query image-encoding cost and
-latency of the 3-level vs the 2-level cascade against Eq. 2. Prints JSON with the ratios. Not a test.
+"""Query serving, measured in one run: warm-cache searches through `bicascade serve` over HTTP on 127.0.0.1 with 1
+and 8 clients, full cascade vs level 0 alone, beside the same queries through the in-process cascade; where the
+time goes per hop; cold queries (empty caches) over HTTP and the cold-query cost of 3 vs 2 levels against Eq. 2.
+Prints JSON with the ratios. Not a test.
 
-    python bench/query.py [--ladder synthetic] [--queries 40] [--concurrency 8] [--seconds 20]
+    python bench/query.py [--db work/db] [--queries 30] [--seconds 15] [--out bench/results/query_cpu.json]
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import requests
+from common import emit, free_port
 
-from bicascade import costs
-from bicascade.actors import router
+from bicascade import costs, query
 from bicascade.cascade import Cascade, DictCache
-from bicascade.pipelines import index, train, world
+from bicascade.pipelines.lab import world
+from bicascade.pipelines.measure import evaluate
 from bicascade.serve import server
 from bicascade.serve.app import AppConfig
+from bicascade.storage import tables
 
 
 def pct(xs: list[float]) -> dict:
     return {"p50_ms": round(float(np.percentile(xs, 50)), 2), "p99_ms": round(float(np.percentile(xs, 99)), 2)}
 
 
-def timed_post(url: str, body: dict) -> float:
+def in_process(db: str, queries: list[str], rounds: int) -> dict:
+    """The same queries through query.LocalSearch in one thread: three text encodes per query included."""
+    search = query.LocalSearch(db)
+    for q in queries:  # warm the caches
+        search.search(q, k=10)
+    lat = []
     t0 = time.perf_counter()
-    r = requests.post(f"{url}/search", json=body, timeout=120)
-    r.raise_for_status()
-    return (time.perf_counter() - t0) * 1000
+    for _ in range(rounds):
+        for q in queries:
+            s = time.perf_counter()
+            search.search(q, k=10)
+            lat.append((time.perf_counter() - s) * 1000)
+    wall = time.perf_counter() - t0
+    search.close()
+    return {"searches_per_s": round(len(lat) / wall, 1), **pct(lat)}
 
 
-def cold_costs(db: str, ladder: str, queries: list[str]) -> dict:
+class Client:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.session = requests.Session()
+
+    def search(self, body: dict) -> tuple[float, dict, float]:
+        t0 = time.perf_counter()
+        r = self.session.post(f"{self.url}/search", json=body, timeout=120)
+        ms = (time.perf_counter() - t0) * 1000
+        r.raise_for_status()
+        return ms, r.json(), float(r.headers.get("x-ingress-ms", "nan"))
+
+
+def load(url: str, queries: list[str], clients: int, seconds: float, depth: int | None) -> dict:
+    """`clients` closed-loop clients for `seconds`: searches/s and latency."""
+    end = time.monotonic() + seconds
+
+    def worker(i: int) -> tuple[list[float], int]:
+        c, lat, bad, n = Client(url), [], 0, i
+        while time.monotonic() < end:
+            try:
+                lat.append(c.search({"query": queries[n % len(queries)], "k": 10, "levels": depth})[0])
+            except requests.RequestException:
+                bad += 1
+            n += 1
+        return lat, bad
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        done = list(pool.map(worker, range(clients)))
+    wall = time.monotonic() - t0
+    lat = [x for d in done for x in d[0]]
+    return {"clients": clients, "depth": depth or "all", "searches_per_s": round(len(lat) / wall, 1),
+            "errors": sum(d[1] for d in done), **pct(lat)}
+
+
+def breakdown(url: str, queries: list[str], rounds: int) -> dict:
+    """Where a warm search's time goes, one client: client total, the proxy (total - ingress), the ingress
+    (ingress - router), and inside the router: query embeddings (cached by text), the cascade, the rest."""
+    c = Client(url)
+    rows = []
+    for _ in range(rounds):
+        for q in queries:
+            total, doc, ingress = c.search({"query": q, "k": 10})
+            t = doc["stats"]["timing"]
+            rows.append({"client_total": total, "proxy_and_http": total - ingress, "ingress": ingress - t["router_ms"],
+                         "router_query_vectors": t["query_vectors_ms"], "router_cascade": t["cascade_ms"],
+                         "router_other": t["router_ms"] - t["query_vectors_ms"] - t["cascade_ms"],
+                         "level0": doc["stats"]["levels"][0]["ms"],
+                         "levels_1_up": sum(lv["ms"] for lv in doc["stats"]["levels"][1:])})
+    return {k: round(float(np.median([r[k] for r in rows])), 3) for k in rows[0]}
+
+
+def cold_costs(db: str, queries: list[str]) -> dict:
     """Every query against empty caches: what an early query pays, 3-level (m = 50, 14) vs 2-level (m = 50)."""
-    cascade, _ = router.local_cascade(db, ladder, [50, 14])
-    lv = cascade.levels
+    search = query.LocalSearch(db)
+    lv = search.cascade.levels
     out = {}
     for name, levels, cutoffs in (("3-level", lv, [50, 14]), ("2-level", [lv[0], lv[-1]], [50])):
         gflops, ms = [], []
         for q in queries:
             for level in levels[1:]:
                 level.cache = DictCache()
-            res = Cascade(cascade.index, levels, cutoffs).search(q, k=10)
+            res = Cascade(search.cascade.index, levels, cutoffs).search(q, k=10)
             gflops.append(res.gflops)
             ms.append(sum(s.ms for s in res.levels[1:]))
         out[name] = {"image_gflops_per_query": float(np.mean(gflops)), "rerank_ms": pct(ms)}
-    out["f_latency_measured_flops"] = out["2-level"]["image_gflops_per_query"] / out["3-level"]["image_gflops_per_query"]
+    flops = [out[n]["image_gflops_per_query"] for n in ("2-level", "3-level")]
+    out["f_latency_measured_flops"] = flops[0] / flops[1]
     out["f_latency_measured_seconds"] = out["2-level"]["rerank_ms"]["p50_ms"] / out["3-level"]["rerank_ms"]["p50_ms"]
-    out["f_latency_eq2"] = costs.f_latency([lv_.gflops for lv_ in lv], [50, 14])
+    out["f_latency_eq2"] = costs.f_latency([info.gflops for info in search.ladder.levels], [50, 14])
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ladder", default="synthetic")
-    ap.add_argument("--queries", type=int, default=40)
-    ap.add_argument("--rounds", type=int, default=5, help="warm passes over the queries")
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=20.0, help="duration of the saturation run")
+    ap.add_argument("--db", default="work/db", help="an indexed database of the synthetic world (`make demo`)")
+    ap.add_argument("--queries", type=int, default=30, help="distinct queries, repeated")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=15.0, help="duration of each load run")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
-    ladder, root = train.ensure_ladder(args.ladder)
+    root = evaluate.world_of(tables.Database(args.db), None)
     _, caps = world.load_split(root, "test")
     rng = np.random.default_rng(0)
     queries = [caps[i][0] for i in rng.choice(len(caps), args.queries, replace=False)]
     tmp = Path(tempfile.mkdtemp(prefix="bicascade-query-"))
     try:
-        db = str(tmp / "db")
-        index.run_index(str(root / "test"), db, ladder.name)
-        cold = cold_costs(db, ladder.name, queries[: max(5, args.queries // 4)])
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        url = server.start(AppConfig(db=db, ladder=ladder.name), port=port)
+        cold_db = str(tmp / "db")  # a copy whose caches we empty: the cold runs must not warm the user's database
+        shutil.copytree(args.db, cold_db)
+        ladder = query.recorded(tables.Database(cold_db))
+        for info in ladder.levels[1:]:
+            if tables.Database(cold_db).has(tables.emb_table(info.fingerprint)):
+                tables.Database(cold_db).drop(tables.emb_table(info.fingerprint))
+        cold = cold_costs(cold_db, queries[:10])
+        local = in_process(cold_db, queries, args.rounds)
+        url = server.start(AppConfig(db=cold_db, rate=0), port=free_port())
         try:
-            cold_http = [timed_post(url, {"query": q, "k": 10}) for q in queries]  # fills the caches
-            warm = [timed_post(url, {"query": q, "k": 10}) for _ in range(args.rounds) for q in queries]
-            level0 = [timed_post(url, {"query": q, "k": 10, "levels": 1}) for _ in range(args.rounds) for q in queries]
-            done, errors, t_end = 0, 0, time.monotonic() + args.seconds
-
-            def worker(i: int) -> tuple[int, int]:
-                ok = bad = 0
-                while time.monotonic() < t_end:
-                    try:
-                        timed_post(url, {"query": queries[(i + ok + bad) % len(queries)], "k": 10})
-                        ok += 1
-                    except requests.RequestException:
-                        bad += 1
-                return ok, bad
-
-            t0 = time.monotonic()
-            with cf.ThreadPoolExecutor(args.concurrency) as pool:
-                for ok, bad in pool.map(worker, range(args.concurrency)):
-                    done, errors = done + ok, errors + bad
-            qps = done / (time.monotonic() - t0)
+            c = Client(url)
+            fresh = [f"{q} (cold {i})" for i, q in enumerate(queries)]
+            cold_http = [c.search({"query": q, "k": 10})[0] for q in fresh]  # new texts, partly cached images
+            for q in queries:
+                c.search({"query": q, "k": 10})  # every candidate of the measured queries now cached
+            hops = breakdown(url, queries, args.rounds)
+            runs = [load(url, queries, n, args.seconds, d) for n in (1, 8) for d in (None, 1)]
         finally:
             server.stop()
-        result = {"ladder": ladder.name, "levels": list(ladder.levels), "queries": len(queries), "rounds": args.rounds,
-                  "cold_cascade_http": pct(cold_http), "warm_cascade_http": pct(warm), "level0_only_http": pct(level0),
-                  "warm_over_level0_p50": round(pct(warm)["p50_ms"] / pct(level0)["p50_ms"], 3),
-                  "saturation": {"concurrency": args.concurrency, "seconds": args.seconds, "qps": round(qps, 1),
-                                 "errors": errors},
-                  "cold_in_process": cold}
-        print(json.dumps(result, indent=2))
+        by = {(r["clients"], r["depth"]): r for r in runs}
+        result = {
+            "db": args.db, "ladder": ladder.name, "levels": ladder.names, "queries": len(queries),
+            "in_process": local, "http": runs, "breakdown_ms_one_client": hops, "cold_http_new_texts": pct(cold_http),
+            "ratios": {"http_8_clients_over_in_process": round(by[(8, "all")]["searches_per_s"] /
+                                                              local["searches_per_s"], 3),
+                       "depth3_over_depth1_p50_one_client": round(by[(1, "all")]["p50_ms"] / by[(1, 1)]["p50_ms"], 3)},
+            "cold_in_process": cold}
+        emit(result, args.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

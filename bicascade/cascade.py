@@ -2,16 +2,31 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
+from bicascade.errors import BadInputError
+
+DEFAULT_CUTOFFS = (50, 14)  # the paper's m_1, m_2
+
+
+def default_cutoffs(n_levels: int) -> tuple[int, ...]:
+    """The paper's cutoffs for 2 and 3 levels; deeper ladders interpolate geometrically between m_1 = 50 and 14."""
+    r = n_levels - 1
+    if r <= len(DEFAULT_CUTOFFS):
+        return DEFAULT_CUTOFFS[:r]
+    first, last = DEFAULT_CUTOFFS[0], DEFAULT_CUTOFFS[-1]
+    return tuple(int(round(first * (last / first) ** (j / (r - 1)))) for j in range(r))
+
 
 class CorpusIndex(Protocol):
-    """Level 0: nearest neighbours of a unit query vector over the whole corpus."""
+    """Level 0: nearest neighbours of a unit query vector over the whole corpus, or over the images a filter allows
+    (`allowed`: whatever the index's own filter representation is; None for all)."""
 
-    def search(self, vector: np.ndarray, m: int) -> tuple[list[str], np.ndarray]: ...
+    def search(self, vector: np.ndarray, m: int, allowed: object | None = None) -> tuple[list[str], np.ndarray]: ...
 
 
 class EmbeddingCache(Protocol):
@@ -54,13 +69,20 @@ class ExactIndex:
         self.ids = list(ids)
         self.vectors = np.asarray(vectors, np.float32)
 
-    def search(self, vector: np.ndarray, m: int) -> tuple[list[str], np.ndarray]:
-        scores = self.vectors @ np.asarray(vector, np.float32)
-        keep = np.arange(len(scores))
-        if m < len(scores):  # rank only the top m, and whatever ties the m-th best within rank()'s rounding
-            keep = np.flatnonzero(scores >= np.partition(scores, -m)[-m] - 1e-6)
-        ids, ranked = rank([self.ids[i] for i in keep], scores[keep])
-        return ids[:m], ranked[:m]
+    def search(self, vector: np.ndarray, m: int, allowed: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+        """`allowed`: a boolean mask over the rows."""
+        return top_m(self.ids, self.vectors @ np.asarray(vector, np.float32), m, allowed)
+
+
+def top_m(ids: Sequence[str], scores: np.ndarray, m: int, allowed: np.ndarray | None = None
+          ) -> tuple[list[str], np.ndarray]:
+    """The m best of `scores` (among the `allowed` rows), ranked by `rank`."""
+    rows = np.flatnonzero(allowed) if allowed is not None else np.arange(len(scores))
+    sub = scores[rows]
+    if m < len(sub):  # rank only the top m, and whatever ties the m-th best within rank()'s rounding
+        rows = rows[sub >= np.partition(sub, -m)[-m] - 1e-6]
+    ranked_ids, ranked = rank([ids[i] for i in rows], scores[rows])
+    return ranked_ids[:m], ranked[:m]
 
 
 @dataclass
@@ -86,6 +108,7 @@ class SearchOutput:
     results: list[Result]
     levels: list[LevelStats]
     ms: float
+    vectors: np.ndarray | None = None  # the last level's embeddings of `results`, in order (None at depth 1)
 
     @property
     def gflops(self) -> float:
@@ -94,33 +117,56 @@ class SearchOutput:
 
 def rank(ids: Sequence[str], scores: np.ndarray) -> tuple[list[str], np.ndarray]:
     """Sort by descending score; ties (equal to 1e-6, below float32 matmul noise) broken by id."""
+    ranked, ranked_scores, _ = rank_with_order(ids, scores)
+    return ranked, ranked_scores
+
+
+def rank_with_order(ids: Sequence[str], scores: np.ndarray) -> tuple[list[str], np.ndarray, list[int]]:
     keys = np.round(np.asarray(scores, np.float64), 6)
     order = sorted(range(len(ids)), key=lambda i: (-keys[i], ids[i]))
-    return [ids[i] for i in order], np.asarray(scores, np.float32)[order]
+    return [ids[i] for i in order], np.asarray(scores, np.float32)[order], order
 
 
-def validate(n_levels: int, cutoffs: Sequence[int], k: int) -> None:
-    """Cutoffs m_1 > ... > m_r >= k >= 1, one per level above level 0."""
+def dedup(vectors: np.ndarray, threshold: float) -> list[int]:
+    """Positions to keep of a ranked list so that no kept item has cosine > `threshold` with a better kept one."""
+    keep: list[int] = []
+    for i in range(len(vectors)):
+        if not keep or float(np.max(vectors[keep] @ vectors[i])) <= threshold:
+            keep.append(i)
+    return keep
+
+
+def validate(n_levels: int, cutoffs: Sequence[int], k: int = 1) -> None:
+    """Cutoffs m_1 > ... > m_r >= k >= 1, one per level above level 0: the one place they are checked."""
     if n_levels < 1:
-        raise ValueError("a cascade needs at least one level")
+        raise BadInputError("a cascade needs at least one level")
     if len(cutoffs) != n_levels - 1:
-        raise ValueError(f"a {n_levels}-level cascade needs {n_levels - 1} cutoffs, got {list(cutoffs)}")
+        raise BadInputError(f"a {n_levels}-level cascade needs {n_levels - 1} cutoffs, got {list(cutoffs)}")
     if any(not isinstance(m, (int, np.integer)) or m < 1 for m in cutoffs):
-        raise ValueError(f"cutoffs must be positive integers, got {list(cutoffs)}")
+        raise BadInputError(f"cutoffs must be positive integers, got {list(cutoffs)}")
     if any(a <= b for a, b in zip(cutoffs, cutoffs[1:])):
-        raise ValueError(f"cutoffs must be strictly decreasing, got {list(cutoffs)}")
+        raise BadInputError(f"cutoffs must be strictly decreasing, got {list(cutoffs)}")
     if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise BadInputError(f"k must be a positive integer, got {k!r}")
     if cutoffs and k > cutoffs[-1]:
-        raise ValueError(f"k={k} exceeds the last cutoff m={cutoffs[-1]}")
+        raise BadInputError(f"k={k} exceeds the last cutoff m={cutoffs[-1]}")
+
+
+def max_k(cutoffs: Sequence[int], depth: int) -> int:
+    """The largest k a cascade of `depth` levels over these cutoffs answers: its last cutoff (m_1 for level 0)."""
+    return cutoffs[max(0, depth - 2)] if cutoffs else 1000
 
 
 class Cascade:
     """Algorithm 1: rank the corpus with level 0, then re-rank shrinking top sets with ever larger levels."""
 
-    def __init__(self, index: CorpusIndex, levels: Sequence[Level], cutoffs: Sequence[int]) -> None:
+    def __init__(self, index: CorpusIndex, levels: Sequence[Level], cutoffs: Sequence[int],
+                 margin: float | None = None) -> None:
+        """`margin`: adaptive cutoffs (beyond the paper): a level passes on only the candidates within `margin` of
+        its k-th best score, between k and the cutoff."""
         validate(len(levels), cutoffs, 1)
         self.index, self.levels, self.cutoffs = index, list(levels), [int(m) for m in cutoffs]
+        self.margin = margin
 
     @property
     def text_encodes(self) -> int:
@@ -135,21 +181,28 @@ class Cascade:
                 memo[id(lv.encode_text)] = lv.encode_text([query])[0]
         return [memo[id(lv.encode_text)] for lv in self.levels]
 
-    def search(self, query: str, k: int = 10, text: Sequence[np.ndarray] | None = None) -> SearchOutput:
+    def search(self, query: str = "", k: int = 10, vectors: Sequence[np.ndarray] | None = None,
+               allowed: object | None = None) -> SearchOutput:
+        """The top k for a text query, or for per-level query vectors (text or image embeddings) when given; only
+        among the images `allowed` (the index's filter) when given."""
         validate(len(self.levels), self.cutoffs, k)
         t_start = time.perf_counter()
-        text = list(text) if text is not None else self.text_vectors(query)
+        queries = list(vectors) if vectors is not None else self.text_vectors(query)
         m0 = self.cutoffs[0] if self.cutoffs else k
-        ids, scores = self.index.search(text[0], m0)
+        ids, scores = self.index.search(queries[0], m0, allowed)
         ids, scores = rank(list(ids), np.asarray(scores))
         stats = [LevelStats(self.levels[0].name, candidates=len(ids), ms=_ms(t_start))]
         trail = {i: [float(s)] for i, s in zip(ids, scores)}
         cached: dict[str, list[bool]] = {i: [] for i in ids}
-        for level, m, q in zip(self.levels[1:], self.cutoffs, text[1:]):
+        embedded = None
+        for level, m, q in zip(self.levels[1:], self.cutoffs, queries[1:]):
             t0 = time.perf_counter()
+            if self.margin is not None and len(ids) > k:
+                m = min(m, max(k, int(np.sum(np.asarray(scores) >= scores[k - 1] - self.margin))))
             ids = ids[:m]
-            vectors, hits = self._embeddings(level, ids)
-            ids, scores = rank(ids, vectors @ q if len(ids) else np.zeros(0))
+            embedded, hits = self._embeddings(level, ids)
+            ids, scores, order = rank_with_order(ids, embedded @ q if len(ids) else np.zeros(0))
+            embedded = embedded[order] if len(ids) else embedded
             for i, s in zip(ids, scores):
                 trail[i].append(float(s))
                 cached[i].append(i in hits)
@@ -157,7 +210,8 @@ class Cascade:
             stats.append(LevelStats(level.name, candidates=len(ids), cache_hits=len(hits), encoded=misses,
                                     gflops=misses * level.gflops, ms=_ms(t0)))
         results = [Result(i, float(s), trail[i], cached[i]) for i, s in zip(ids[:k], scores[:k])]
-        return SearchOutput(results=results, levels=stats, ms=_ms(t_start))
+        return SearchOutput(results=results, levels=stats, ms=_ms(t_start),
+                            vectors=None if embedded is None else embedded[:k])
 
     @staticmethod
     def _embeddings(level: Level, ids: list[str]) -> tuple[np.ndarray, set[str]]:

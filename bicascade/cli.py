@@ -5,7 +5,9 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Callable
+import time
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("bicascade")
 
@@ -17,6 +19,20 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _counts(text: str) -> dict[str, int]:
+    try:
+        return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=N,..., got {text!r}") from None
+
+
 def _names(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     if not names:
@@ -24,50 +40,95 @@ def _names(text: str) -> list[str]:
     return names
 
 
-def emit(args: argparse.Namespace, doc: Any, human: Callable[[Any], str]) -> None:
-    """Exactly one JSON document on stdout with --json, else a readable rendering."""
-    print(json.dumps(doc, indent=2) if args.json else human(doc), flush=True)
+def emit(args: argparse.Namespace, report: Any, human: Callable[[Any], str] | None = None) -> None:
+    """Exactly one JSON document on stdout with --json, else a readable rendering (reports render themselves)."""
+    doc = report.to_json() if hasattr(report, "to_json") else report
+    text = json.dumps(doc, indent=2) if getattr(args, "json", False) else (human or type(report).format)(report)
+    print(text, flush=True)
+
+
+def _db_ladder(args: argparse.Namespace):
+    """The ladder a command runs on: the database's own unless --ladder names another with the same level 0."""
+    from bicascade import query
+    from bicascade.storage import tables
+
+    if args.db:
+        return query.open_ladder(tables.Database(args.db), args.ladder)
+    if not args.ladder:
+        raise _bad("give --db (a database remembers its ladder) or --ladder NAME")
+    _require_trained(args.ladder)
+    return query.registered(args.ladder)
+
+
+def _require_trained(name: str) -> None:
+    from bicascade.pipelines.lab import train
+
+    train.require_ready(name)
+
+
+def _bad(message: str):
+    from bicascade.errors import BadInputError
+
+    return BadInputError(message)
 
 
 def cmd_costs(args: argparse.Namespace) -> None:
     from bicascade import costs
 
-    doc = costs.cascade_report(args.cascades, p=args.p, cutoffs=args.m, measure=args.measure,
-                               batch_size=args.batch_size, device=args.device)
-    emit(args, doc, format_costs)
-
-
-def format_costs(doc: dict) -> str:
-    measured = "measure" in doc
-    head = f"{'cascade':<52} {'GFLOPs per level':<28} {'F_life':>7} {'F_lat':>6}"
-    head += f" {'s/img (measured)':<28} {'F_life':>7} {'F_lat':>6}" if measured else ""
-    lines = [f"p = {doc['p']}, m = {doc['m']}; 1-level rows compare with {doc['reference']}", head]
-    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-    for r in doc["cascades"]:
-        line = f"{','.join(r['cascade']):<52} {', '.join(f'{g:.2f}' for g in r['gflops']):<28} " \
-               f"{fmt(r['f_life']):>7} {fmt(r['f_latency']):>6}"
-        if measured:
-            secs = ", ".join(f"{s:.4f}" for s in r["seconds_per_image"])
-            line += f" {secs:<28} {fmt(r['f_life_measured']):>7} {fmt(r['f_latency_measured']):>6}"
-        lines.append(line)
-    return "\n".join(lines)
+    emit(args, costs.cascade_report(args.cascades, p=args.p, cutoffs=args.m, measure=args.measure,
+                                    batch_size=args.batch_size, device=args.device))
 
 
 def cmd_ladders(args: argparse.Namespace) -> None:
     from bicascade import models
+    from bicascade.pipelines.lab import train
 
-    doc = {"ladders": [{"name": l.name, "levels": list(l.levels), "shared_text_tower": l.shared_text_tower}
-                       for l in models.list_ladders()]}
-    emit(args, doc, lambda d: "\n".join(f"{l['name']:<20} {' -> '.join(l['levels'])}"
-                                        + ("  (shared text tower)" if l["shared_text_tower"] else "")
-                                        for l in d["ladders"]))
+    made = {c["name"]: c for c in train.catalog()}
+    rows = []
+    for ladder in models.list_ladders():
+        kind = "built-in" if models.is_builtin(ladder.name) else "trainable" if ladder.name in made else "user"
+        row = {"name": ladder.name, "levels": list(ladder.levels), "shared_text_tower": ladder.shared_text_tower,
+               "kind": kind}
+        rows.append(row | ({"ready": made[ladder.name]["ready"], "make": made[ladder.name]["make"]}
+                           if ladder.name in made else {"ready": True}))
+    rows += [c for name, c in made.items() if name not in {r["name"] for r in rows}]
+
+    def human(doc: dict) -> str:
+        return "\n".join(f"{r['name']:<28} {r['kind']:<10} {'ready' if r['ready'] else 'not trained':<12} "
+                         f"{' -> '.join(r['levels'])}" + ("  (shared text tower)" if r["shared_text_tower"] else "")
+                         + ("" if r["ready"] else f"  [make: {r['make']}]") for r in doc["ladders"])
+    emit(args, {"ladders": rows}, human)
+
+
+def cmd_ladders_add(args: argparse.Namespace) -> None:
+    from bicascade import ladders
+
+    if bool(args.levels) == bool(args.from_file) or not (args.name or args.from_file):
+        raise _bad("give NAME and its levels (LEVEL ...), or --from FILE.yaml")
+    if args.from_file:
+        name, specs, description = ladders.from_yaml(args.from_file, args.name)
+    else:
+        name, description = args.name, ""
+        specs = [ladders.parse_level(level, name, j) for j, level in enumerate(args.levels)]
+    emit(args, ladders.add(name, specs, args.description or description))
+
+
+def cmd_ladders_show(args: argparse.Namespace) -> None:
+    from bicascade import ladders
+
+    emit(args, ladders.show(args.name))
+
+
+def cmd_ladders_remove(args: argparse.Namespace) -> None:
+    from bicascade import models
+
+    path = models.remove_ladder(args.name)
+    emit(args, {"removed": args.name, "file": str(path)}, lambda d: f"removed ladder {d['removed']} ({d['file']})")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import time
-
     from bicascade import models
-    from bicascade.pipelines import train
+    from bicascade.pipelines.lab import train
 
     t0 = time.perf_counter()
     ladder, root = train.ensure_ladder(args.ladder, args.world, device=args.device)
@@ -78,33 +139,48 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from bicascade.pipelines import evaluate, train
+    from bicascade.pipelines.lab import train
+    from bicascade.pipelines.measure import evaluate
+    from bicascade.storage import tables
 
-    ladder, root = train.ensure_ladder(args.ladder, args.world, device=args.device)
-    if root is None:
-        raise ValueError(f"ladder {args.ladder!r} has no world of its own: pass --world DIR")
-    doc = evaluate.evaluate(root, ladder, cutoffs=args.m, p=args.p, device=args.device, db=args.db)
-    emit(args, doc, evaluate.format_table)
+    ladder = _db_ladder(args)
+    db = tables.Database(args.db) if args.db else None
+    world = args.world or (None if db else train.world_root(train.profile(args.ladder)))
+    root = evaluate.world_of(db, world)
+    from bicascade.pipelines.measure import plan
+
+    chosen = plan.load_plan(args.plan) if args.plan else None
+    emit(args, evaluate.evaluate(root, ladder, cutoffs=args.m, p=args.p, device=args.device, db=args.db, plan=chosen))
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from bicascade.pipelines import index
+    from bicascade.pipelines.ingest import index
 
-    doc = index.run_index(args.source, args.db, args.ladder, index.IndexConfig(batch_size=args.batch_size))
-    emit(args, doc, lambda d: f"{d['rows']} rows in {d['table']} ({d['new_rows']} new, {d['errors']} errors, "
-                              f"{d['skipped']} skipped) in {d['seconds']} s, {d['images_per_s']} images/s")
+    if args.ladder:
+        _require_trained(args.ladder)
+    config = index.IndexConfig(batch_size=args.batch_size, ann_min_rows=args.ann_min_rows)
+    emit(args, index.run_index(args.source, args.db, args.ladder, config))
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from bicascade.actors import router
-    from bicascade.storage import tables
+    from bicascade import query
 
-    cascade, stores = router.local_cascade(args.db, args.ladder, args.m, device=args.device)
-    out = cascade.search(args.text, k=args.k)
-    for store in stores:
-        store.flush()
-    doc = router.to_json(out, tables.Database(args.db).uris([r.id for r in out.results]),
-                         [lv.name for lv in cascade.levels], cascade.text_encodes)
+    if (args.text is None) == (args.image is None):
+        raise _bad("give a text query or --image PATH")
+    search = query.LocalSearch(args.db, args.ladder, args.m, device=args.device)
+    try:
+        if args.image:
+            from pathlib import Path
+
+            try:
+                data = Path(args.image).read_bytes()
+            except OSError as e:
+                raise _bad(f"cannot read {args.image}: {e.strerror}") from None
+            doc = search.search_image(data, k=args.k)
+        else:
+            doc = search.search(args.text, k=args.k)
+    finally:
+        search.close()
     emit(args, doc, format_search)
 
 
@@ -117,160 +193,263 @@ def format_search(doc: dict) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from bicascade.pipelines.measure import plan
     from bicascade.serve import server
     from bicascade.serve.app import AppConfig
 
-    server.serve_forever(AppConfig(db=args.db, ladder=args.ladder, cutoffs=args.m, max_inflight=args.max_inflight),
-                         host=args.host, port=args.port)
+    server.serve_forever(AppConfig(db=args.db, ladder=args.ladder, cutoffs=args.m, max_inflight=args.max_inflight,
+                                   api_keys=args.api_key_file, rate=args.rate, burst=args.burst,
+                                   replicas=args.replicas or {}, plan=plan.load_plan(args.plan) if args.plan else None),
+                         host=args.host, port=args.port, dashboard=args.dashboard)
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    from bicascade.pipelines import report, simulate
+    from bicascade.pipelines.measure import evaluate, simulate
+    from bicascade.storage import tables
 
-    cfg = simulate.SimConfig(p=args.p, queries=args.queries, skew=args.skew, cutoffs=tuple(args.m), k=args.k,
+    ladder = _db_ladder(args)
+    root = evaluate.world_of(tables.Database(args.db), args.world)
+    cfg = simulate.SimConfig(p=args.p, queries=args.queries, skew=args.skew,
+                             cutoffs=tuple(args.m) if args.m else None, k=args.k,
                              cascade=tuple(args.cascade) if args.cascade else None, seed=args.seed, url=args.url,
                              concurrency=args.concurrency)
-    doc = simulate.simulate(args.db, args.ladder, cfg, world_root=args.world, report_dir=args.report,
-                            sweep=args.sweep or (), device=args.device)
-    emit(args, doc, lambda d: report.summary(d) + (f"\nreport: {d['report']}" if d["report"] else ""))
+    emit(args, simulate.simulate(args.db, ladder, root, cfg, report_dir=args.report, sweep=args.sweep or (),
+                                 device=args.device))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from bicascade.pipelines.measure import evaluate, plan
+    from bicascade.storage import tables
+
+    ladder = _db_ladder(args)
+    root = evaluate.world_of(tables.Database(args.db), args.world)
+    report = plan.plan(args.db, ladder, root, p=args.p, recall_loss=args.recall_loss, stream_queries=args.queries,
+                       device=args.device)
+    if args.report:
+        plan.plot(report, Path(args.report) / "frontier.png")
+    emit(args, report)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bicascade import query
+    from bicascade.errors import MissingWeightsError, NotIndexedError
+    from bicascade.storage import tables, verify
+
+    db = tables.Database(args.db)
+    rows = db.recorded_ladder()
+    if not rows:
+        raise NotIndexedError(f"{args.db} has not been indexed")
+    ladder = []
+    try:
+        query.recorded(db)
+    except MissingWeightsError as e:
+        ladder.append(str(e))
+    fingerprints = [r["fingerprint"] for r in rows]
+    report = verify.verify(db, fingerprints, ladder, repair=args.repair)
+    if args.repair:  # what is left after the repairs, with what they did
+        after = verify.verify(db, fingerprints, ladder)
+        for t, done in zip(after.tables, report.tables):
+            t.repaired = done.repaired
+        report = after
+    emit(args, report)
+    return 0 if report.ok else 1
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from bicascade.pipelines.ingest import migrate
+
+    emit(args, migrate.migrate(args.db, args.ladder, warm=args.warm))
+
+
+def cmd_cache_drop(args: argparse.Namespace) -> None:
+    from bicascade.pipelines.ingest import migrate
+
+    gone = migrate.drop(args.db, args.fingerprints or None)
+    emit(args, {"dropped": gone}, lambda d: "dropped " + (", ".join(d["dropped"]) or "nothing"))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from bicascade.pipelines import demo
 
-    doc = demo.run(workdir=args.workdir, ladder=args.ladder)
-    emit(args, doc, demo.format_summary)
+    report = demo.run(workdir=args.workdir, ladder=args.ladder)
+    emit(args, report)
     if not args.no_serve:
         from bicascade.serve import server
         from bicascade.serve.app import AppConfig
 
-        server.serve_forever(AppConfig(db=doc["db"], ladder=doc["ladder"]))
+        server.serve_forever(AppConfig(db=report.db))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bicascade.cascade import DEFAULT_CUTOFFS
+
     parser = argparse.ArgumentParser(prog="bicascade", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cutoffs = "cutoffs m_1,m_2,... (default: 50,14 for three levels)"
 
-    p = sub.add_parser("costs", help="image-encoder GFLOPs per level and Eq. 1 / Eq. 2 cost reductions")
+    def command(name: str, func: Callable, help: str, json_out: bool = True, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, **kw)
+        if json_out:
+            p.add_argument("--json", action="store_true", help="print exactly one JSON document on stdout")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("costs", cmd_costs, "image-encoder GFLOPs per level and Eq. 1 / Eq. 2 cost reductions")
     p.add_argument("cascades", nargs="+", type=_names, metavar="CASCADE",
                    help="comma list of model names, cheapest first, e.g. ViT-B-16,ViT-L-14,ViT-g-14")
     p.add_argument("--p", type=float, default=0.1, help="p-small-world coverage fraction (default 0.1)")
-    p.add_argument("--m", type=_ints, default=[50, 14], help="cutoffs m_1,m_2,... (default 50,14)")
+    p.add_argument("--m", type=_ints, default=list(DEFAULT_CUTOFFS), help="cutoffs m_1,m_2,... (default 50,14)")
     p.add_argument("--measure", action="store_true", help="also time each image encoder here (random weights)")
     p.add_argument("--batch-size", type=int, default=4, help="batch size for --measure (default 4)")
     p.add_argument("--device", default=None, help="device for --measure (default: cuda if present, else cpu)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_costs)
 
-    p = sub.add_parser("ladders", help="list registered model ladders, built-in and derived")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_ladders)
+    p = command("ladders", cmd_ladders, "list ladders: built-in, your own, and the ones the project can train")
+    lsub = p.add_subparsers(dest="action", metavar="ACTION")
+    q = lsub.add_parser("add", help="make a ladder from your CLIP models (cheapest first) and save it",
+                        description="LEVEL: ARCH@TAG (open_clip pretrained tag), ARCH=PATH (local checkpoint), "
+                                    "hf-hub:ORG/REPO, or a bare ARCH (random weights, tests only).")
+    q.add_argument("name", nargs="?", help="ladder name (optional with --from when the file names it)")
+    q.add_argument("levels", nargs="*", metavar="LEVEL")
+    q.add_argument("--from", dest="from_file", metavar="FILE.yaml", help="read the ladder from a YAML file")
+    q.add_argument("--description", default="")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_ladders_add)
+    q = lsub.add_parser("show", help="one ladder's levels: architectures, GFLOPs, dims, fingerprints, weights")
+    q.add_argument("name")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_ladders_show)
+    q = lsub.add_parser("remove", help="forget a saved ladder (its checkpoints stay where they are)")
+    q.add_argument("name")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_ladders_remove)
 
-    p = sub.add_parser("train", help="train (or reuse) a ladder of the synthetic world; cached and resumable")
-    p.add_argument("--ladder", default="synthetic",
-                   help="training profile: synthetic (default), synthetic-tiny, synthetic-mlce (its s level with "
-                        "MLCE, for the ablation), synthetic-vit (ViTs of 2, 4 and 6 blocks, trained independently)")
-    p.add_argument("--world", default=None, help="where the world is written (default: the user cache)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_train)
+    for name, verb in (("train", "train (or reuse) a ladder of the synthetic world; cached and resumable"),
+                       ("distill", "distil cheap levels from a top model (two-stage distillation, or self-pruning "
+                                   "into its first blocks); they share its text tower; cached and resumable")):
+        p = command(name, cmd_train, verb)
+        p.add_argument("--ladder", default="synthetic" if name == "train" else "synthetic-distilled",
+                       help="training profile (`bicascade ladders` lists them; default %(default)s)")
+        p.add_argument("--world", default=None, help="where the world is written (default: the user cache)")
+        p.add_argument("--device", default=None)
 
-    p = sub.add_parser("distill", help="distil cheap levels from a top model (two-stage distillation, or self-pruning "
-                                       "into its first blocks); they share its text tower, so a query needs one text "
-                                       "embedding; cached and resumable")
-    p.add_argument("--ladder", default="synthetic-distilled",
-                   help="distillation profile: synthetic-distilled (default; teacher: synthetic's top level, "
-                        "students start from its s and m levels), synthetic-distilled-scratch (students start from "
-                        "random weights), synthetic-spds (synthetic-vit's 6-block ViT trained on with SPDS; "
-                        "levels: its first 2 and 4 blocks, then all 6), synthetic-spds-scratch (the same from random "
-                        "weights), synthetic-tiny-distilled, synthetic-tiny-spds")
-    p.add_argument("--world", default=None, help="where the world is written (default: the user cache)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="Recall@1/5/10 per level and per cascade on the world's held-out captions")
-    p.add_argument("--db", default=None, help="LanceDB URI whose level-0 table (from `bicascade index`) level 0 "
-                                              "searches; without it every level embeds the test split in process")
-    p.add_argument("--ladder", default="synthetic", help="ladder to evaluate (default: synthetic, trained if needed)")
-    p.add_argument("--world", default=None, help="world directory (default: the ladder's own world)")
-    p.add_argument("--m", type=_ints, default=[50, 14], help="cutoffs of the full-depth cascade (default 50,14)")
+    p = command("eval", cmd_eval, "Recall@1/5/10 per level and per cascade on the world's held-out captions")
+    p.add_argument("--db", default=None, help="database whose level-0 table (from `bicascade index`) level 0 searches "
+                                              "and whose ladder is evaluated; without it, --ladder's levels embed "
+                                              "the test split in process")
+    p.add_argument("--ladder", default=None, help="ladder to evaluate (default: the database's)")
+    p.add_argument("--world", default=None, help="world directory (default: the one the database indexed)")
+    p.add_argument("--m", type=_ints, default=None, help=cutoffs)
     p.add_argument("--p", type=float, default=0.1, help="p for F_life by Eq. 1 (default 0.1)")
+    p.add_argument("--plan", default=None, metavar="FILE", help="also evaluate the cascade `bicascade plan` chose")
     p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("index", help="embed a corpus with the ladder's cheapest level into LanceDB (resumable)")
+    p = command("index", cmd_index, "embed a corpus with the ladder's cheapest level into LanceDB (resumable)")
     p.add_argument("source", help="folder, parquet (bytes or paths), or webdataset .tar shards; local or s3://...")
     p.add_argument("--db", required=True, help="LanceDB URI (folder or s3://bucket/path)")
-    p.add_argument("--ladder", default=None, help="ladder whose level 0 embeds the corpus (default: synthetic)")
+    p.add_argument("--ladder", default=None, help="ladder whose level 0 embeds the corpus (required for a new "
+                                                  "database; later runs default to the one it remembers)")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_index)
+    p.add_argument("--ann-min-rows", type=int, default=100_000,
+                   help="build level 0's ANN index from this many rows (default 100000; below, exact search)")
 
-    p = sub.add_parser("search", help="one cascaded query in process (no server); writes computed embeddings back")
-    p.add_argument("text")
+    p = command("search", cmd_search, "one cascaded query in process (no server); writes computed embeddings back")
+    p.add_argument("text", nargs="?", help="what to look for (or --image)")
+    p.add_argument("--image", default=None, metavar="PATH", help="search by this picture instead of text")
     p.add_argument("--db", required=True, help="LanceDB URI indexed by `bicascade index`")
-    p.add_argument("--ladder", default="synthetic")
-    p.add_argument("--m", type=_ints, default=[50, 14], help="cutoffs m_1,m_2,... (default 50,14)")
+    p.add_argument("--ladder", default=None, help="default: the ladder the database was indexed with")
+    p.add_argument("--m", type=_ints, default=None, help=cutoffs)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("serve", help="serve the cascade over HTTP with Ray Serve until Ctrl-C")
+    p = command("serve", cmd_serve, "serve the cascade over HTTP with Ray Serve until Ctrl-C", json_out=False)
     p.add_argument("--db", required=True, help="LanceDB URI indexed by `bicascade index`")
-    p.add_argument("--ladder", default="synthetic")
-    p.add_argument("--m", type=_ints, default=[50, 14], help="cutoffs m_1,m_2,... (default 50,14)")
+    p.add_argument("--ladder", default=None, help="default: the ladder the database was indexed with")
+    p.add_argument("--m", type=_ints, default=None, help=cutoffs)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-inflight", type=int, default=64,
                    help="searches in flight per ingress replica before answering 503 + Retry-After (default 64)")
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--api-key-file", default=None,
+                   help="turn on API keys: a file of `KEY [read|admin]` lines (or set $BICASCADE_API_KEYS); every "
+                        "route but /healthz then needs Authorization: Bearer KEY")
+    p.add_argument("--rate", type=float, default=200.0,
+                   help="requests per second per client (per key, or per address without keys); 0: no limit")
+    p.add_argument("--burst", type=float, default=400.0, help="the rate limit's bucket size (default 400)")
+    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (on 127.0.0.1) with a local cluster")
+    p.add_argument("--plan", default=None, metavar="FILE", help="serve the cascade `bicascade plan --json` chose")
+    p.add_argument("--replicas", type=_counts, default=None, metavar="NAME=N,...",
+                   help="fixed replica counts instead of autoscaling, e.g. Router=3,Api=2")
 
-    p = sub.add_parser("simulate", help="replay a p-small-world query stream; measured F_life, recall and latency "
-                                        "vs Eq. 1 / Eq. 2, with a report of plots")
-    p.add_argument("--db", required=True, help="LanceDB URI with the world's test split indexed")
-    p.add_argument("--ladder", default="synthetic")
-    p.add_argument("--world", default=None, help="world directory (default: the ladder's own world)")
-    p.add_argument("--p", type=float, default=0.1, help="fraction of the corpus the stream touches (default 0.1)")
-    p.add_argument("--queries", type=int, default=10_000, help="queries in the stream (default 10000)")
+    def stream_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--db", required=True, help="LanceDB URI with the world's test split indexed")
+        p.add_argument("--ladder", default=None, help="default: the ladder the database was indexed with")
+        p.add_argument("--world", default=None, help="world directory (default: the one the database indexed)")
+        p.add_argument("--p", type=float, default=0.1, help="fraction of the corpus the stream touches (default 0.1)")
+        p.add_argument("--queries", type=int, default=10_000, help="queries in the stream (default 10000)")
+        p.add_argument("--device", default=None)
+
+    p = command("simulate", cmd_simulate, "replay a p-small-world query stream; measured F_life, recall and latency "
+                                          "vs Eq. 1 / Eq. 2, with a report of plots")
+    stream_args(p)
     p.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of topic popularity (default 1.0)")
     p.add_argument("--cascade", type=_names, default=None, help="model names, cheapest first (default the ladder)")
-    p.add_argument("--m", type=_ints, default=[50, 14], help="cutoffs m_1,m_2,... (default 50,14)")
+    p.add_argument("--m", type=_ints, default=None, help=cutoffs)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--url", default=None, help="also replay against this running server, e.g. http://127.0.0.1:8000")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight with --url (default 8)")
-    p.add_argument("--sweep", type=lambda t: [float(x) for x in t.split(",")], default=None,
+    p.add_argument("--sweep", type=_floats, default=None,
                    help="also replay the cascade at each of these p, e.g. 0.01,0.05,0.1,0.2,0.5")
     p.add_argument("--report", default=None, help="write plots and summary.md to this directory")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("demo", help="everything end to end on the embedded default world")
+    p = command("plan", cmd_plan, "the quality-cost frontier of the ladder's cascades (fixed and adaptive cutoffs) "
+                                  "and the cheapest within a recall budget; `serve --plan FILE` serves it")
+    stream_args(p)
+    p.add_argument("--recall-loss", type=float, default=0.5, help="R@10 points the cascade may lose (default 0.5)")
+    p.add_argument("--report", default=None, help="write frontier.png here")
+
+    p = command("verify", cmd_verify, "check a database's invariants (exit 1 and a report when one is broken)")
+    p.add_argument("--db", required=True)
+    p.add_argument("--repair", action="store_true", help="remove duplicates, orphans and broken vectors; index what "
+                                                         "the ANN index misses")
+
+    p = command("migrate", cmd_migrate, "move a database to another ladder: new levels get their own cache tables "
+                                        "(filled by queries, or now with --warm); a new level 0 is built beside the "
+                                        "old one; a running `bicascade serve` switches once it is recorded")
+    p.add_argument("--db", required=True)
+    p.add_argument("--ladder", required=True, help="the ladder to move to")
+    p.add_argument("--warm", action="store_true", help="embed, for each new level, the images the level it replaces "
+                                                       "had cached (a Ray job)")
+
+    p = command("cache", cmd_cache_drop, "cache tables: `bicascade cache drop --db D [FINGERPRINT ...]` drops those "
+                                         "the recorded ladder no longer uses")
+    p.add_argument("action", choices=["drop"])
+    p.add_argument("fingerprints", nargs="*", help="default: every table the recorded ladder does not use")
+    p.add_argument("--db", required=True)
+
+    p = command("demo", cmd_demo, "everything end to end on the embedded default world")
     p.add_argument("--ladder", default="synthetic", help="ladder profile (default synthetic; synthetic-tiny is quick)")
     p.add_argument("--workdir", default="work", help="where the world, the db and reports go (default ./work)")
     p.add_argument("--no-serve", action="store_true", help="stop after the report instead of serving")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Root at ERROR hides open_clip's "initialized randomly" chatter; our own logger speaks at INFO.
+    # Root at ERROR hides third-party chatter; our own logger speaks at INFO.
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from bicascade.errors import BicascadeError
+
     try:
-        args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+        return args.func(args) or 0
+    except BicascadeError as e:  # the user's to fix: one line; anything else is a bug and keeps its traceback
         print(f"bicascade {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

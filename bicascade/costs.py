@@ -1,40 +1,55 @@
-"""Per-level encoder cost (FLOPs counted on the real architecture, measured seconds) and the paper's Eq. 1 / Eq. 2."""
+"""Per-level encoder cost (FLOPs counted on the real architecture, measured seconds), the paper's Eq. 1 / Eq. 2, and
+the `bicascade costs` report."""
 from __future__ import annotations
 
 import time
-from functools import lru_cache
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
 
-import open_clip
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bicascade import models
+from bicascade.cascade import DEFAULT_CUTOFFS
+from bicascade.errors import BadInputError
 
 
-def _gflops(name: str, run: Callable[[torch.nn.Module, str], object]) -> float:
-    """GFLOPs (2 x multiply-accumulates) of `run(model, arch)`, counted on the meta device: no weights."""
-    arch = models.get_model(name).arch
+def _spec(model: str | models.ModelSpec) -> models.ModelSpec:
+    return model if isinstance(model, models.ModelSpec) else models.get_model(model)
+
+
+def _gflops(arch: str, run: Callable[[torch.nn.Module], object], keep_patches: float | None = None) -> float:
+    """GFLOPs (2 x multiply-accumulates) of `run(model)`, counted on the meta device: no weights."""
     with torch.device("meta"):
-        model = open_clip.create_model(arch, pretrained=None, device="meta")
+        model = models.create(arch, device="meta", keep_patches=keep_patches).eval()  # eval: batch norm at 1x1
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        run(model, arch)
+        run(model)
     return counter.get_total_flops() / 1e9
 
 
-@lru_cache(maxsize=None)
-def image_gflops(name: str) -> float:
+@cache
+def _image_gflops(arch: str, keep_patches: float | None = None) -> float:
+    size = models.image_size(arch)
+    return _gflops(arch, lambda m: m.encode_image(torch.empty(1, 3, size, size, device="meta")), keep_patches)
+
+
+@cache
+def _text_gflops(arch: str) -> float:
+    length = models.model_config(arch)["text_cfg"].get("context_length", 77)
+    return _gflops(arch, lambda m: m.encode_text(torch.zeros(1, length, dtype=torch.long, device="meta")))
+
+
+def image_gflops(model: str | models.ModelSpec) -> float:
     """Image-encoder GFLOPs for one image."""
-    return _gflops(name, lambda m, arch: m.encode_image(
-        torch.empty(1, 3, models.image_size(arch), models.image_size(arch), device="meta")))
+    spec = _spec(model)
+    return _image_gflops(spec.arch, spec.keep_patches)
 
 
-@lru_cache(maxsize=None)
-def text_gflops(name: str) -> float:
+def text_gflops(model: str | models.ModelSpec) -> float:
     """Text-encoder GFLOPs for one query of the model's full context length."""
-    return _gflops(name, lambda m, arch: m.encode_text(torch.zeros(
-        1, open_clip.get_model_config(arch)["text_cfg"].get("context_length", 77), dtype=torch.long, device="meta")))
+    return _text_gflops(_spec(model).arch)
 
 
 def measure_seconds(name: str, batch_size: int = 4, repeats: int = 3, device: str | None = None) -> float:
@@ -53,44 +68,104 @@ def measure_seconds(name: str, batch_size: int = 4, repeats: int = 3, device: st
     return best / batch_size
 
 
-def f_life(costs: Sequence[float], p: float) -> float:
-    """Eq. 1: lifetime cost of embedding the corpus with the top level over that of the cascade."""
-    if len(costs) < 2:
-        raise ValueError("Eq. 1 needs a cascade of at least 2 levels")
+def f_life(costs: Sequence[float], p: float, reference: float | None = None) -> float:
+    """Eq. 1: lifetime cost of embedding the corpus with the top level (or `reference`, e.g. a ladder's top level
+    for a cascade that stops below it) over that of the cascade."""
+    if len(costs) < 2 and reference is None:
+        raise BadInputError("Eq. 1 needs a cascade of at least 2 levels")
     if not 0 <= p <= 1:
-        raise ValueError(f"p must lie in [0, 1], got {p}")
-    return costs[-1] / (costs[0] + p * sum(costs[1:]))
+        raise BadInputError(f"p must lie in [0, 1], got {p}")
+    return (costs[-1] if reference is None else reference) / (costs[0] + p * sum(costs[1:]))
 
 
 def f_latency(costs: Sequence[float], cutoffs: Sequence[int]) -> float | None:
-    """Eq. 2: cold-cache encoding cost of [I_small, I_r] with cutoff m_1 over the deep cascade's; None below 3 levels."""
+    """Eq. 2: cold-cache encoding cost of [I_small, I_r] with cutoff m_1 over the deep cascade's (None below 3
+    levels)."""
     if len(costs) < 3:
         return None
     levels = costs[1:]
     if len(cutoffs) < len(levels):
-        raise ValueError(f"a {len(costs)}-level cascade needs {len(levels)} cutoffs, got {list(cutoffs)}")
+        raise BadInputError(f"a {len(costs)}-level cascade needs {len(levels)} cutoffs, got {list(cutoffs)}")
     return cutoffs[0] * costs[-1] / sum(c * m for c, m in zip(levels, cutoffs))
 
 
-def cascade_report(cascades: Sequence[Sequence[str]], p: float = 0.1, cutoffs: Sequence[int] = (50, 14),
-                   measure: bool = False, batch_size: int = 4, device: str | None = None) -> dict:
-    """The `bicascade costs` document. A 1-level entry is compared with the costliest model in the whole call."""
+@dataclass
+class CostRow:
+    cascade: list[str]
+    gflops: list[float]
+    f_life: float
+    f_latency: float | None
+    seconds_per_image: list[float] | None = None
+    f_life_measured: float | None = None
+    f_latency_measured: float | None = None
+
+
+@dataclass
+class CostReport:
+    """The `bicascade costs` document. A 1-level row is compared with the costliest model in the whole call."""
+
+    p: float
+    m: list[int]
+    reference: str
+    cascades: list[CostRow]
+    measure: dict | None = None
+
+    def to_json(self) -> dict:
+        rows = []
+        for r in self.cascades:
+            row = {"cascade": r.cascade, "gflops": r.gflops, "f_life": r.f_life, "f_latency": r.f_latency}
+            if self.measure:
+                row |= {"seconds_per_image": r.seconds_per_image, "f_life_measured": r.f_life_measured,
+                        "f_latency_measured": r.f_latency_measured}
+            rows.append(row)
+        doc = {"p": self.p, "m": self.m, "reference": self.reference, "cascades": rows}
+        return doc | ({"measure": self.measure} if self.measure else {})
+
+    def format(self) -> str:
+        measured = self.measure is not None
+        head = f"{'cascade':<52} {'GFLOPs per level':<28} {'F_life':>7} {'F_lat':>6}"
+        head += f" {'s/img (measured)':<28} {'F_life':>7} {'F_lat':>6}" if measured else ""
+        lines = [f"p = {self.p}, m = {self.m}; 1-level rows compare with {self.reference}", head]
+        for r in self.cascades:
+            line = (f"{','.join(r.cascade):<52} {', '.join(f'{g:.2f}' for g in r.gflops):<28} "
+                    f"{_fmt(r.f_life):>7} {_fmt(r.f_latency):>6}")
+            if measured:
+                secs = ", ".join(f"{s:.4f}" for s in r.seconds_per_image or [])
+                line += f" {secs:<28} {_fmt(r.f_life_measured):>7} {_fmt(r.f_latency_measured):>6}"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def cascade_report(cascades: Sequence[Sequence[str]], p: float = 0.1, cutoffs: Sequence[int] = DEFAULT_CUTOFFS,
+                   measure: bool = False, batch_size: int = 4, device: str | None = None) -> CostReport:
     names = {n for c in cascades for n in c}
     gflops = {n: image_gflops(n) for n in names}
-    seconds = {n: measure_seconds(n, batch_size, device=device) for n in sorted(names, key=gflops.get)} if measure else {}
+    timed = sorted(names, key=gflops.get) if measure else []
+    seconds = {n: measure_seconds(n, batch_size, device=device) for n in timed}
     ref = max(names, key=gflops.get)
+
+    def reductions(cost: dict[str, float], cascade: Sequence[str]) -> tuple[float, float | None]:
+        c = [cost[n] for n in cascade]
+        return (cost[ref] / c[0] if len(c) == 1 else f_life(c, p)), f_latency(c, cutoffs)
+
     rows = []
     for cascade in cascades:
-        row: dict = {"cascade": list(cascade), "gflops": [round(gflops[n], 3) for n in cascade]}
-        for key, cost in [("", gflops)] + ([("_measured", seconds)] if measure else []):
-            c = [cost[n] for n in cascade]
-            row["f_life" + key] = cost[ref] / c[0] if len(c) == 1 else f_life(c, p)
-            row["f_latency" + key] = f_latency(c, cutoffs)
+        row = CostRow(list(cascade), [round(gflops[n], 3) for n in cascade], *reductions(gflops, cascade))
         if measure:
-            row["seconds_per_image"] = [seconds[n] for n in cascade]
+            row.seconds_per_image = [seconds[n] for n in cascade]
+            row.f_life_measured, row.f_latency_measured = reductions(seconds, cascade)
         rows.append(row)
-    doc: dict = {"p": p, "m": list(cutoffs), "reference": ref, "cascades": rows}
-    if measure:
-        doc["measure"] = {"batch_size": batch_size, "device": str(models.pick_device(device)[0]),
-                          "threads": torch.get_num_threads()}
-    return doc
+    about = {"batch_size": batch_size, "device": str(models.pick_device(device)[0]),
+             "threads": torch.get_num_threads()} if measure else None
+    return CostReport(p, list(cutoffs), ref, rows, about)
+
+
+def ladder_cascades(levels: Sequence[str]) -> list[list[str]]:
+    """Each level alone, every 2-level cascade [level, top], and the full ladder: the rows of the paper's Table 1."""
+    levels = list(levels)
+    rows = [[lv] for lv in levels] + [[lv, levels[-1]] for lv in levels[:-1]]
+    return rows + ([levels] if len(levels) > 2 else [])

@@ -1,39 +1,40 @@
-"""Model and ladder registries, loading (open_clip tags or local checkpoints), devices and fingerprints."""
+"""Model and ladder registries, loading (local checkpoints, open_clip pretrained tags, hf-hub), devices and
+fingerprints."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import open_clip
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
+
+from bicascade.errors import BadInputError, MissingWeightsError, UnknownNameError
+from bicascade.images import Preprocessor
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)  # the project's own architectures (tiny synthetic ladder, tests)
-
-
-class UnknownNameError(KeyError):
-    """An unknown model or ladder name; the message lists the known ones."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+HF_HUB = "hf-hub:"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One registry entry: an open_clip architecture plus where its weights come from."""
+    """One registry entry: an open_clip architecture (or `hf-hub:ORG/REPO`) plus where its weights come from."""
 
     name: str
     arch: str
     pretrained: str | None = None  # open_clip pretrained tag (needs the model hub)
-    checkpoint: str | None = None  # local state-dict file; takes precedence over `pretrained`
+    checkpoint: str | None = None  # local state-dict or open_clip checkpoint; takes precedence over `pretrained`
+    seed: int | None = None  # random weights from this seed (tests only): a bare ARCH level
+    keep_patches: float | None = None  # a ViT on this fixed fraction of its patch tokens: a cheaper, untrained level
 
 
 @dataclass(frozen=True)
@@ -48,18 +49,19 @@ class Ladder:
 
 _MODELS: dict[str, ModelSpec] = {}
 _LADDERS: dict[str, Ladder] = {}
+_BUILTIN: set[str] = set()
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
-    if spec.arch not in open_clip.list_models():
-        raise ValueError(f"model {spec.name!r}: open_clip has no architecture {spec.arch!r}")
+    if not spec.arch.startswith(HF_HUB) and spec.arch not in open_clip.list_models():
+        raise UnknownNameError(f"model {spec.name!r}: open_clip has no architecture {spec.arch!r}")
     _MODELS[spec.name] = spec
     return spec
 
 
 def register_ladder(ladder: Ladder) -> Ladder:
     if len(ladder.levels) < 1:
-        raise ValueError(f"ladder {ladder.name!r} has no levels")
+        raise BadInputError(f"ladder {ladder.name!r} has no levels")
     for name in ladder.levels:
         get_model(name)
     _LADDERS[ladder.name] = ladder
@@ -81,7 +83,9 @@ def get_model(name: str) -> ModelSpec:
 def get_ladder(name: str) -> Ladder:
     load_user_ladders()
     if name not in _LADDERS:
-        raise UnknownNameError(f"unknown ladder {name!r}; known: {', '.join(sorted(_LADDERS))}")
+        raise UnknownNameError(f"unknown ladder {name!r}; known: {', '.join(sorted(_LADDERS))}. "
+                               "`bicascade ladders` lists them and the ones the project can train; "
+                               "`bicascade ladders add NAME LEVEL...` makes one from your checkpoints")
     return _LADDERS[name]
 
 
@@ -90,10 +94,15 @@ def list_ladders() -> list[Ladder]:
     return list(_LADDERS.values())
 
 
+def is_builtin(name: str) -> bool:
+    return name in _BUILTIN
+
+
 def cache_dir() -> Path:
-    """Where trained checkpoints and derived ladders live ($BICASCADE_CACHE or the user cache)."""
-    root = os.environ.get("BICASCADE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bicascade"
-    return Path(root)
+    """Where trained checkpoints and user ladders live ($BICASCADE_CACHE or the user cache)."""
+    if os.environ.get("BICASCADE_CACHE"):
+        return Path(os.environ["BICASCADE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bicascade"
 
 
 def ladder_file(name: str) -> Path:
@@ -101,7 +110,9 @@ def ladder_file(name: str) -> Path:
 
 
 def save_ladder(ladder: Ladder, specs: Sequence[ModelSpec]) -> Path:
-    """Register a derived ladder and persist it so later processes (and `bicascade ladders`) see it."""
+    """Register a ladder and persist it so later processes (and `bicascade ladders`) see it."""
+    if ladder.name in _BUILTIN:
+        raise BadInputError(f"{ladder.name!r} is a built-in ladder: choose another name")
     for spec in specs:
         register_model(spec)
     register_ladder(ladder)
@@ -111,6 +122,17 @@ def save_ladder(ladder: Ladder, specs: Sequence[ModelSpec]) -> Path:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(path)
+    return path
+
+
+def remove_ladder(name: str) -> Path:
+    path = ladder_file(name)
+    if name in _BUILTIN:
+        raise BadInputError(f"{name!r} is a built-in ladder and cannot be removed")
+    if not path.exists():
+        raise UnknownNameError(f"no saved ladder {name!r} in {path.parent}")
+    path.unlink()
+    _LADDERS.pop(name, None)
     return path
 
 
@@ -143,10 +165,11 @@ for _spec in [
     ModelSpec("convnext_xxlarge", "convnext_xxlarge", pretrained="laion2b_s34b_b82k_augreg"),
 ]:
     register_model(_spec)
-register_ladder(Ladder("openclip-vit", ("ViT-B-16", "ViT-L-14", "ViT-g-14"),
-                       description="OpenCLIP ViTs, LAION-2B"))
-register_ladder(Ladder("openclip-convnext", ("convnext_base_w", "convnext_large_d", "convnext_xxlarge"),
-                       description="OpenCLIP ConvNeXts, LAION-2B"))
+for _ladder in [Ladder("openclip-vit", ("ViT-B-16", "ViT-L-14", "ViT-g-14"), description="OpenCLIP ViTs, LAION-2B"),
+                Ladder("openclip-convnext", ("convnext_base_w", "convnext_large_d", "convnext_xxlarge"),
+                       description="OpenCLIP ConvNeXts, LAION-2B")]:
+    register_ladder(_ladder)
+    _BUILTIN.add(_ladder.name)
 
 
 def pick_device(device: str | None = None) -> tuple[torch.device, torch.dtype]:
@@ -157,9 +180,98 @@ def pick_device(device: str | None = None) -> tuple[torch.device, torch.dtype]:
     return dev, torch.float32
 
 
+@lru_cache(maxsize=64)
+def model_config(arch: str) -> dict:
+    """open_clip's architecture config; for `hf-hub:` models it is fetched from the hub (once per process)."""
+    if arch.startswith(HF_HUB):
+        try:
+            with _offline_unless_reachable():
+                return open_clip.factory._get_hf_config(arch[len(HF_HUB):])["model_cfg"]
+        except Exception as e:  # offline, or no such repository
+            raise MissingWeightsError(f"cannot read {arch} from the model hub ({type(e).__name__}); without a hub, "
+                                      f"use a local checkpoint: ARCH=PATH") from None
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise UnknownNameError(f"open_clip has no architecture {arch!r}")
+    return cfg
+
+
 def image_size(arch: str) -> int:
-    size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
+    size = model_config(arch)["vision_cfg"]["image_size"]
     return size if isinstance(size, int) else size[0]
+
+
+@contextlib.contextmanager
+def quiet_open_clip() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly": we load the weights right after."""
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:  # our own error says what failed and what to do
+            return not record.getMessage().startswith(("No pretrained weights loaded", "Failed to download"))
+
+    drop = Drop()
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers at all (asked once per process): offline, fail in a second, not after retries."""
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable() -> Iterator[None]:
+    """Without a reachable hub, read only the local cache (no retries), and keep the hub client quiet."""
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_OFFLINE
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    constants.HF_HUB_OFFLINE = old or not hub_reachable()  # read at call time by hf_hub_download
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
+class FixedPatches(torch.nn.Module):
+    """Keep the class token and a fixed, spatially even `keep` fraction of a ViT's patch tokens, in training and in
+    inference alike (open_clip's PatchDropout is random and training-only): the same weights on fewer tokens."""
+
+    def __init__(self, grid: tuple[int, int], keep: float) -> None:
+        super().__init__()
+        if not 0 < keep < 1:
+            raise BadInputError(f"keep_patches must lie in (0, 1), got {keep}")
+        rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+        order = torch.argsort(torch.remainder(rows * 0.6180339887 + cols * 0.7548776662, 1.0).reshape(-1))  # R2
+        kept = torch.sort(order[:max(1, round(keep * grid[0] * grid[1]))]).values
+        self.register_buffer("index", torch.cat([torch.zeros(1, dtype=torch.long), kept + 1]), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, self.index.to(x.device))
+
+
+def create(arch: str, device: str | torch.device = "cpu", keep_patches: float | None = None) -> torch.nn.Module:
+    """An architecture with random weights (also on the meta device, for counting); a ViT on a fixed fraction of
+    its patches with `keep_patches`."""
+    if arch.startswith(HF_HUB):
+        model_config(arch)  # a clear error offline
+    with quiet_open_clip():
+        model = open_clip.create_model(arch, pretrained=None, device=device)
+    if keep_patches is not None:
+        visual = model.visual
+        if not isinstance(visual, open_clip.transformer.VisionTransformer):
+            raise BadInputError(f"keep_patches needs a ViT; {arch} has a {type(visual).__name__} image tower")
+        visual.patch_dropout = FixedPatches(visual.grid_size, keep_patches).to(device)
+    return model
 
 
 @lru_cache(maxsize=64)
@@ -171,43 +283,60 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def _checkpoint_path(spec: ModelSpec) -> str:
+    path = os.path.abspath(spec.checkpoint)
+    if not os.path.isfile(path):
+        raise MissingWeightsError(f"model {spec.name!r}: checkpoint not found: {path}")
+    return path
+
+
 def weights_identity(spec: ModelSpec, seed: int | None = None) -> str:
     if spec.checkpoint:
-        st = os.stat(spec.checkpoint)
-        return "sha256:" + _file_sha256(os.path.abspath(spec.checkpoint), st.st_size, st.st_mtime_ns)
+        path = _checkpoint_path(spec)
+        st = os.stat(path)
+        return "sha256:" + _file_sha256(path, st.st_size, st.st_mtime_ns)
+    seed = spec.seed if seed is None else seed
     if seed is not None:
         return f"random:{seed}"
     if spec.pretrained:
         return f"open_clip:{spec.arch}:{spec.pretrained}"
-    raise ValueError(f"model {spec.name!r} has neither a checkpoint nor a pretrained tag; "
-                     "pass a checkpoint or ask for random weights")
+    if spec.arch.startswith(HF_HUB):
+        return spec.arch
+    raise MissingWeightsError(f"model {spec.name!r} has neither a checkpoint nor a pretrained tag; "
+                              "give it a checkpoint (ARCH=PATH) or a tag (ARCH@TAG)")
 
 
 def fingerprint(spec: ModelSpec, preprocess_cfg: dict, seed: int | None = None) -> str:
     """Hash of architecture + weights + preprocessing: changed weights never reuse stale embeddings."""
-    doc = {"arch": open_clip.get_model_config(spec.arch), "weights": weights_identity(spec, seed),
-           "preprocess": preprocess_cfg}
+    doc = {"arch": model_config(spec.arch), "weights": weights_identity(spec, seed), "preprocess": preprocess_cfg}
+    if spec.keep_patches is not None:
+        doc["keep_patches"] = spec.keep_patches
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@lru_cache(maxsize=64)
-def _text_tower_sha256(path: str, size: int, mtime_ns: int) -> str:
+def _tower_digest(sd: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for key, value in sorted(read_state_dict(path).items()):
+    for key, value in sorted(sd.items()):
         if not key.startswith(("visual.", "logit_")):
             digest.update(key.encode())
             digest.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
+@lru_cache(maxsize=64)
+def _text_tower_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return _tower_digest(read_state_dict(path))
+
+
 def text_identity(spec: ModelSpec) -> str:
     """Hash of the text tower (architecture and weights, not the image tower): levels with equal identities embed a
     query identically, so a cascade computes that embedding once (distilled levels share their teacher's)."""
-    cfg = open_clip.get_model_config(spec.arch)
+    cfg = model_config(spec.arch)
     doc = {"text_cfg": cfg["text_cfg"], "embed_dim": cfg["embed_dim"]}
     if spec.checkpoint:
-        st = os.stat(spec.checkpoint)
-        doc["weights"] = _text_tower_sha256(os.path.abspath(spec.checkpoint), st.st_size, st.st_mtime_ns)
+        path = _checkpoint_path(spec)
+        st = os.stat(path)
+        doc["weights"] = _text_tower_sha256(path, st.st_size, st.st_mtime_ns)
     else:  # a hub model: its text tower is its own
         doc["weights"] = weights_identity(spec)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -222,8 +351,8 @@ def text_encoders(names: Sequence[str]) -> list[int]:
 @lru_cache(maxsize=64)
 def _describe_arch(arch: str) -> tuple[dict, int]:
     with torch.device("meta"):
-        model = open_clip.create_model(arch, pretrained=None, device="meta")
-    return open_clip.get_model_preprocess_cfg(model), int(open_clip.get_model_config(arch)["embed_dim"])
+        model = create(arch, device="meta")
+    return open_clip.get_model_preprocess_cfg(model), int(model_config(arch)["embed_dim"])
 
 
 def describe(spec: ModelSpec) -> tuple[dict, int]:
@@ -232,16 +361,70 @@ def describe(spec: ModelSpec) -> tuple[dict, int]:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a local file, tensors only (`weights_only=True`)."""
+    """A state dict from a local file (a plain state dict or an open_clip training checkpoint), tensors only:
+    `weights_only=True`, so a checkpoint can never run code."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd:
+        raise MissingWeightsError(f"checkpoint not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with objects, or not a torch file at all
+        raise MissingWeightsError(f"checkpoint {path} cannot be read safely (weights_only): "
+                                  f"{str(e).splitlines()[0][:200]}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(sd).__name__}, not a state dict")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise MissingWeightsError(f"checkpoint {path} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def fit_checkpoint(model: torch.nn.Module, spec: ModelSpec) -> None:
+    """Load `spec.checkpoint` into `model`, refusing one made for another architecture."""
+    sd = read_state_dict(_checkpoint_path(spec))
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise MissingWeightsError(f"checkpoint {spec.checkpoint} does not fit {spec.arch!r}: "
+                                  f"{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}") from None
+    missing = [k for k in missing if not k.endswith("attn_mask")]
+    if missing or unexpected:
+        raise MissingWeightsError(f"checkpoint {spec.checkpoint} does not fit {spec.arch!r}: "
+                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def build_model(spec: ModelSpec, seed: int | None = None) -> torch.nn.Module:
+    """The model of `spec` with its weights (fp32, CPU): its checkpoint, else its pretrained tag or hub repo;
+    `seed` gives random weights."""
+    if spec.checkpoint:
+        model = create(spec.arch, keep_patches=spec.keep_patches)
+        fit_checkpoint(model, spec)
+        return model
+    seed = spec.seed if seed is None else seed
+    if seed is not None:
+        torch.manual_seed(seed)
+        return create(spec.arch, keep_patches=spec.keep_patches)
+    if spec.pretrained or spec.arch.startswith(HF_HUB):
+        hub = spec.arch.startswith(HF_HUB)
+        where = spec.arch if hub else f"{spec.arch}@{spec.pretrained}"
+        try:
+            with quiet_open_clip(), _offline_unless_reachable():
+                return open_clip.create_model(spec.arch, pretrained=spec.pretrained, require_pretrained=True)
+        except Exception as e:  # offline hub, unknown tag...: say what to do instead
+            why = ("the model hub is unreachable from this machine and the weights are not in its local cache"
+                   if not hub_reachable() else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            raise MissingWeightsError(f"cannot load pretrained weights {where}: {why}; use a local checkpoint "
+                                      f"instead: {'ARCH' if hub else spec.arch}=PATH") from None
+    raise MissingWeightsError(f"model {spec.name!r} has no weights: give it a checkpoint or a pretrained tag")
+
+
+def preflight(spec: ModelSpec) -> None:
+    """Fail here, in one clear line, rather than inside a worker: the weights of `spec` can be had. Checkpoints are
+    checked by hashing them (fingerprints do that anyway); hub weights are loaded when the hub is unreachable
+    (then only a local copy can serve, and a missing one fails at once)."""
+    if spec.checkpoint:
+        weights_identity(spec)
+    elif (spec.pretrained or spec.arch.startswith(HF_HUB)) and not hub_reachable():
+        build_model(spec)
 
 
 @dataclass
@@ -250,30 +433,36 @@ class LoadedModel:
 
     spec: ModelSpec
     model: torch.nn.Module
-    preprocess: Callable[[Image.Image], torch.Tensor]
-    tokenizer: Callable[[list[str]], torch.Tensor]
+    preprocess: Preprocessor
+    tokenizer: object
     device: torch.device
     dtype: torch.dtype
     fingerprint: str
     dim: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.dim = int(self.model.text_projection.shape[1]) if getattr(self.model, "text_projection", None) is not None \
-            else int(open_clip.get_model_config(self.spec.arch)["embed_dim"])
+        self.dim = int(model_config(self.spec.arch)["embed_dim"])
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
-        """Preprocessed images (B, 3, H, W) -> L2-normalised float32 embeddings (B, D)."""
+        """Normalised images (B, 3, H, W) -> L2-normalised float32 embeddings (B, D)."""
+        if not len(pixels):
+            return np.zeros((0, self.dim), np.float32)
         feats = self.model.encode_image(pixels.to(self.device, self.dtype, non_blocking=True))
         return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    def encode_crops(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) from `preprocess.crop` -> embeddings."""
+        return self.encode_pixels(self.preprocess.normalize(crops))
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        return self.encode_pixels(torch.stack([self.preprocess(im.convert("RGB")) for im in images]))
+        return self.encode_pixels(self.preprocess(images))
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit text embeddings; texts longer than the tokenizer's context are truncated, not refused."""
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         feats = self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
@@ -281,32 +470,16 @@ class LoadedModel:
 
 
 def load_model(name: str | ModelSpec, device: str | None = None, seed: int | None = None) -> LoadedModel:
-    """Load a model for inference: its local checkpoint, else its pretrained tag; `seed` gives random weights."""
+    """Load a model for inference on the best device (bf16/fp16 on a GPU): see `build_model` for the weights."""
     spec = name if isinstance(name, ModelSpec) else get_model(name)
     dev, dtype = pick_device(device)
-    if seed is not None and not spec.checkpoint:
-        torch.manual_seed(seed)
-        model = open_clip.create_model(spec.arch, pretrained=None)
-    elif spec.checkpoint:
-        model = open_clip.create_model(spec.arch, pretrained=None)
-        missing, unexpected = model.load_state_dict(read_state_dict(spec.checkpoint), strict=False)
-        missing = [k for k in missing if not k.endswith("attn_mask")]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {spec.checkpoint} does not fit {spec.arch!r}: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    elif spec.pretrained:
-        try:
-            model = open_clip.create_model(spec.arch, pretrained=spec.pretrained)
-        except Exception as e:  # offline hub, missing tag...: say what to do instead
-            raise RuntimeError(f"could not load pretrained weights {spec.arch}:{spec.pretrained} ({e}); "
-                               "without a model hub, register the model with a local `checkpoint`") from e
-    else:
-        raise ValueError(f"model {spec.name!r} has no weights: give it a checkpoint or a pretrained tag")
+    seed = None if spec.checkpoint else seed
+    model = build_model(spec, seed=seed)
     model.eval().to(device=dev, dtype=dtype)
     pp_cfg = open_clip.get_model_preprocess_cfg(model)
-    preprocess = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
-    return LoadedModel(spec=spec, model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(spec.arch),
-                       device=dev, dtype=dtype, fingerprint=fingerprint(spec, pp_cfg, seed if not spec.checkpoint else None))
+    return LoadedModel(spec=spec, model=model, preprocess=Preprocessor(pp_cfg),
+                       tokenizer=open_clip.get_tokenizer(spec.arch), device=dev, dtype=dtype,
+                       fingerprint=fingerprint(spec, pp_cfg, seed))
 
 
 def save_checkpoint(weights: torch.nn.Module | dict[str, torch.Tensor], path: str | Path) -> Path:

@@ -1,1 +1,2 @@
-"""Jobs over the corpus: the synthetic world, ladder training, the demo (later: indexing, simulation, evaluation)."""
+"""Jobs over a corpus, by concern: `ingest` (sources and the index job: the production path), `measure`
+(evaluation, the stream simulator, reports), `lab` (the synthetic world and ladder training), and the demo."""

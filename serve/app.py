@@ -1,51 +1,304 @@
-"""The HTTP API (DESIGN.md §3) as a Ray Serve app: FastAPI ingress -> Router -> one Encoder deployment per level."""
-# no `from __future__ import annotations`: FastAPI must see the request model class, not a string
+"""The HTTP API (DESIGN.md §3) as a Ray Serve app: FastAPI ingress -> Router -> one Encoder deployment per level.
+
+Routes: the search page (GET /), POST /search (text, an indexed image, or an uploaded image; filters, paging,
+dedup), images and thumbnails, /stats, /metrics, /healthz, and clip-retrieval's /knn-service, /indices-list and
+/metadata. With API keys on, every route but /healthz needs `Authorization: Bearer KEY` (admin routes an admin key);
+each client is rate-limited. The OpenAPI schema states every bound the server enforces.
+"""
+# no `from __future__ import annotations`: FastAPI must see the request model classes, not strings
 
 import asyncio
+import base64
+import binascii
+import copy
+import hashlib
+import hmac
 import json
-import re
+import math
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
+import ray
 import yaml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from bicascade.actors.encoder import Encoder
-from bicascade.actors.router import Router, ladder_levels
+from bicascade import images, models
+from bicascade.actors import metrics
+from bicascade.actors.encoder import Encoder, StaleEncoder
+from bicascade.actors.quota import Limiter, RateLimit
+from bicascade.actors.router import Router, RouterConfig
+from bicascade.cascade import default_cutoffs, validate
+from bicascade.errors import BadInputError, BicascadeError, NotIndexedError
+from bicascade.query import open_ladder
+from bicascade.storage import tables
 
 MAX_QUERY_CHARS = 1000
-MAX_BODY_BYTES = 16 * 1024
+MAX_BODY_BYTES = 16 * 1024  # JSON bodies; a search with an uploaded image may carry MAX_UPLOAD_B64 more
+MAX_UPLOAD_B64 = 4 * math.ceil(images.MAX_UPLOAD_BYTES / 3)
+MAX_K = 1000  # the schema's static bound; the app narrows it to its own first cutoff
+ID = r"^[A-Za-z0-9_-]{1,128}$"  # ids are opaque keys: nothing path-like gets near storage
+THUMB_SIDES = (64, 1024)
 # a replica died mid-request (Serve replaces it) or a downstream queue is full: the client should retry
 RETRYABLE = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
 CONFIG_YAML = Path(__file__).with_name("config.yaml")
-ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # ids are opaque keys: nothing path-like gets near storage
+PAGE = Path(__file__).with_name("page")
 
 
 @dataclass
 class AppConfig:
     db: str
-    ladder: str = "synthetic"
-    cutoffs: list[int] = field(default_factory=lambda: [50, 14])
+    ladder: str | None = None  # default: the ladder the database was indexed with
+    cutoffs: list[int] | None = None  # default: the paper's (50, 14) for three levels
     encoder_threads: int = 1
-    max_inflight: int = 64  # searches per ingress replica before it answers 503 + Retry-After (autoscaling adds replicas)
+    max_inflight: int = 64  # searches per ingress replica before it answers 503 + Retry-After
+    api_keys: str | None = None  # a file of `KEY [read|admin]` lines; or $BICASCADE_API_KEYS
+    rate: float = 200.0  # requests per second per client; 0 turns limits off
+    burst: float = 400.0
+    router: dict = field(default_factory=dict)  # RouterConfig fields
+    replicas: dict[str, int] = field(default_factory=dict)  # fixed replica counts instead of autoscaling
+    plan: dict | None = None  # a `bicascade plan` choice: {"cascade", "cutoffs", "adaptive_margin"}
 
 
-class SearchRequest(BaseModel):
+# --- request and response shapes ------------------------------------------------------------------------------
+
+def _integral(v: object) -> object:
+    """JSON integers (2.0 included, as JSON Schema has it), nothing else: no strings, no booleans."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        raise ValueError("must be an integer")
+    return int(v)
+
+
+def _number(v: object) -> object:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("must be a number")
+    return float(v)
+
+
+def _boolean(v: object) -> object:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+Num = Annotated[float, BeforeValidator(_number)]
+Bool = Annotated[bool, BeforeValidator(_boolean)]
+
+class Error(BaseModel):
+    error: str
+
+
+# filter values are compared with columns, never spliced into a query; quotes, backslashes, semicolons and control
+# characters have no place in them and are refused (so is anything in an id but letters, digits, '-' and '_')
+SAFE_TEXT = r"^[^'\"`;\\\x00-\x1f]+$"
+FieldName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")]
+MetaValue = Annotated[str, Field(max_length=500, pattern=SAFE_TEXT)] | Num | Bool
+
+
+class Where(BaseModel):
+    """Conditions on the images table, all of which must hold; applied before level 0 ranks."""
+
     model_config = ConfigDict(extra="forbid")
-    query: StrictStr = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    k: StrictInt = 10
-    levels: StrictInt | None = None  # cascade depth: 1 = level 0 alone; default the whole ladder
+    uri_prefix: str | None = Field(None, min_length=1, max_length=500, pattern=SAFE_TEXT)
+    caption: str | None = Field(None, min_length=1, max_length=500, pattern=SAFE_TEXT,
+                                description="case-insensitive substring")
+    min_width: Int | None = Field(None, ge=0, le=1_000_000)
+    min_height: Int | None = Field(None, ge=0, le=1_000_000)
+    meta: dict[FieldName, MetaValue | Annotated[list[MetaValue], Field(min_length=1, max_length=100)]] | None = Field(
+        None, max_length=16, description="equality on fields of the source's metadata (any of a list)")
 
 
-api = FastAPI(title="bicascade", description="Text-to-image search with a bi-encoder cascade")
+class Search(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: Int = Field(10, ge=1, le=MAX_K, description="results wanted; a cascade returns at most its last cutoff")
+    levels: Int | None = Field(None, ge=1, le=64, description="cascade depth: 1 = level 0 alone; default all")
+    offset: Int = Field(0, ge=0, le=MAX_K, description="results to skip (paging)")
+    min_score: Num | None = Field(None, ge=-1, le=1, description="drop results scoring below this")
+    dedup: Num | None = Field(None, ge=0, le=1, description="collapse results more similar than this")
+    where: Where | None = None
+
+
+class TextSearch(Search):
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S")
+
+
+class ImageIdSearch(Search):
+    image_id: str = Field(pattern=ID, description="an indexed image: more like this")
+
+
+class ImageSearch(Search):
+    image: str = Field(min_length=4, max_length=MAX_UPLOAD_B64, json_schema_extra={"format": "image-base64"},
+                       description=f"base64 of an image file up to {images.MAX_UPLOAD_BYTES} bytes and "
+                                   f"{images.MAX_UPLOAD_PIXELS} pixels")
+
+
+SearchRequest = Annotated[TextSearch | ImageIdSearch | ImageSearch, Field(union_mode="left_to_right")]
+
+
+class LevelStep(BaseModel):
+    model: str
+    score: float
+    cached: bool
+
+
+class Hit(BaseModel):
+    id: str
+    score: float
+    uri: str | None
+    levels: list[LevelStep]
+
+
+class LevelStats(BaseModel):
+    model: str
+    candidates: int
+    cache_hits: int
+    encoded: int
+    ms: float
+    gflops: float
+
+
+class SearchStats(BaseModel):
+    levels: list[LevelStats]
+    ms: float
+    gflops: float
+    text_encodes: int
+    uncascaded_gflops: float
+    timing: dict[str, float]
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+    stats: SearchStats
+
+
+class KnnRequest(BaseModel):
+    """clip-retrieval's knn-service request (clip_retrieval/clip_back.py), text or image. Its safety and aesthetic
+    options have no counterpart here and are accepted and ignored; `image_url` and `embedding_input` must be null
+    (this server fetches nothing from the network, and each level embeds queries with its own model)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": ["text"], "properties": {"text": {"type": "string"}}},
+        {"required": ["image"], "properties": {"image": {"type": "string"}}}]})
+    text: str | None = Field(None, min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S")
+    image: str | None = Field(None, min_length=4, max_length=MAX_UPLOAD_B64,
+                              json_schema_extra={"format": "image-base64"})
+    image_url: None = Field(None, description="not supported: send the image's bytes in `image`")
+    embedding_input: None = Field(None, description="not supported: send text or image")
+    modality: Literal["image"] = "image"
+    num_images: Int = Field(40, ge=1, le=MAX_K)
+    num_result_ids: Int | None = Field(None, ge=1, le=MAX_K)
+    indice_name: str | None = Field(None, max_length=200)
+    use_mclip: Bool = False
+    deduplicate: Bool = False
+    use_safety_model: Bool = False
+    use_violence_detector: Bool = False
+    aesthetic_score: Int | Annotated[str, Field(max_length=20)] | None = None
+    aesthetic_weight: Num | Annotated[str, Field(max_length=20)] | None = None
+
+    @model_validator(mode="after")
+    def _text_or_image(self) -> "KnnRequest":
+        if self.text is None and self.image is None:  # both: text wins, as in clip-retrieval's own server
+            raise ValueError("give text or image")
+        return self
+
+
+class KnnHit(BaseModel):
+    id: str
+    similarity: float
+    url: str
+    caption: str | None
+
+
+class MetadataRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ids: list[Annotated[str, Field(pattern=ID)]] = Field(max_length=1000)
+    indice_name: str | None = Field(None, max_length=200)
+
+
+class LadderLevel(BaseModel):
+    model: str
+    gflops: float
+
+
+class LadderInfo(BaseModel):
+    name: str
+    levels: list[LadderLevel]
+    cutoffs: list[int]
+
+
+class MetadataItem(BaseModel):
+    id: str
+    metadata: dict
+
+
+ERR = {"model": Error}
+RETRY = {**ERR, "headers": {"Retry-After": {"schema": {"type": "integer"}}}}
+COMMON = {400: ERR, 401: ERR, 413: ERR, 422: ERR, 429: RETRY}
+SERVICE = {503: RETRY}
+
+
+# --- keys -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Keys:
+    """API keys as SHA-256 digests with their roles (`read` searches; `admin` also reads /stats and /metrics)."""
+
+    roles: dict[bytes, str]
+
+    @classmethod
+    def load(cls, path: str | None) -> "Keys | None":
+        text = Path(path).read_text() if path else os.environ.get("BICASCADE_API_KEYS", "").replace(",", "\n")
+        roles = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            parts = line.split("#", 1)[0].split()
+            if not parts:
+                continue
+            if len(parts) > 2 or (len(parts) == 2 and parts[1] not in ("read", "admin")) or len(parts[0]) < 16:
+                raise BadInputError(f"api keys line {n}: expected `KEY [read|admin]` with a key of 16+ characters")
+            roles[hashlib.sha256(parts[0].encode()).digest()] = parts[1] if len(parts) == 2 else "read"
+        if path and not roles:
+            raise BadInputError(f"no API keys in {path}")
+        return cls(roles) if roles else None
+
+    def role(self, key: str) -> str | None:
+        """The key's role, compared in constant time against every key (no early exit)."""
+        digest = hashlib.sha256(key.encode()).digest()
+        found = None
+        for known, role in self.roles.items():
+            if hmac.compare_digest(known, digest):
+                found = role
+        return found
+
+
+def presented_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value:
+        return value.strip()
+    if scheme.lower() == "basic" and value:  # a browser's login prompt: the password is the key
+        try:
+            return base64.b64decode(value).decode().partition(":")[2] or None
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    if request.url.path == "/" and request.query_params.get("key"):  # the page, opened from a link with its key
+        return request.query_params["key"]
+    return None
+
+
+api = FastAPI(title="bicascade", description="Text-to-image search with a bi-encoder cascade", version="0.2.0",
+              docs_url=None, redoc_url=None, openapi_url=None)  # the schema is served behind the key check
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -54,29 +307,38 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()]
-    return error(422, "; ".join(parts) or "invalid request")
+    errors = exc.errors()
+    modes = ("TextSearch", "ImageIdSearch", "ImageSearch")
+    by_mode = [e for e in errors if len(e["loc"]) > 2 and e["loc"][1] in modes]
+    if by_mode and all(e["loc"][-1] in ("query", "image_id", "image") and e["type"] in ("missing", "extra_forbidden")
+                       for e in by_mode):
+        return error(422, "give exactly one of query, image_id, image")
+    hints = {"image_url": "image_url: this server fetches nothing from the network; send the image's bytes as base64 "
+                          "in `image`",
+             "embedding_input": "embedding_input: each level embeds queries with its own model; send text or image",
+             "modality": "modality: only images are indexed (modality 'image')"}
+    for e in errors:
+        if e["loc"][-1] in hints:
+            return error(422, hints[e["loc"][-1]])
+    parts = []
+    for e in errors[:5]:
+        loc = [str(p) for p in e["loc"][1:] if p not in ("TextSearch", "ImageIdSearch", "ImageSearch")]
+        parts.append(f"{'.'.join(loc) or 'body'}: {e['msg']}")
+    return error(422, "; ".join(dict.fromkeys(parts)) or "invalid request")
 
 
 @api.exception_handler(HTTPException)
 async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-    return error(exc.status_code, str(exc.detail))
+    return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))  # keeps Allow on a 405
 
 
 @api.middleware("http")
 async def _limit_body(request: Request, call_next):
     size = request.headers.get("content-length")
-    if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-        return error(413, f"request body over {MAX_BODY_BYTES} bytes")
+    cap = MAX_BODY_BYTES + (MAX_UPLOAD_B64 if request.url.path in ("/search", "/knn-service") else 0)
+    if size is not None and (not size.isdigit() or int(size) > cap):
+        return error(413, f"request body over {cap} bytes")
     return await call_next(request)
-
-
-def _media_type(data: bytes) -> str:
-    for magic, kind in ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"GIF8", "image/gif"),
-                        (b"RIFF", "image/webp"), (b"BM", "image/bmp")):
-        if data.startswith(magic):
-            return kind
-    return "application/octet-stream"
 
 
 def replica_counts() -> dict[str, int]:
@@ -86,56 +348,298 @@ def replica_counts() -> dict[str, int]:
     return {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
 
 
+def decode_upload(data: str) -> bytes:
+    try:
+        raw = base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        raise BadInputError("image: not base64") from None
+    if len(raw) > images.MAX_UPLOAD_BYTES:
+        raise BadInputError(f"image: over {images.MAX_UPLOAD_BYTES} bytes")
+    try:
+        images.header(raw, images.MAX_UPLOAD_PIXELS)  # size and pixels checked before anything is decoded
+    except BadInputError as e:
+        raise BadInputError(f"image: {e}") from None
+    return raw
+
+
+def client_of(request: Request, key: str | None) -> str:
+    if key:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]  # never the key itself
+    return "addr:" + (request.client.host if request.client else "unknown")
+
+
+def narrow_schema(depth: int, cutoffs: list[int]) -> None:
+    """The OpenAPI document states this app's own bounds: k and offset up to m_1 (a deeper cascade returns at most
+    its last cutoff), `levels` up to the ladder's depth."""
+    top = cutoffs[0] if cutoffs else MAX_K
+    schema = copy.deepcopy(api.openapi())
+    props = schema["components"]["schemas"]
+    for name in ("TextSearch", "ImageIdSearch", "ImageSearch"):
+        p = props[name]["properties"]
+        p["k"]["maximum"] = p["offset"]["maximum"] = top
+        for option in p["levels"].get("anyOf", [p["levels"]]):
+            if option.get("type") == "integer":
+                option["maximum"] = depth
+    api.openapi_schema = schema
+
+
+async def retried(call, attempts: int = 12, wait_s: float = 0.5):
+    """A search retried while a replica is being replaced (a killed one, or a migration's rolling update): it is
+    idempotent, and the client would only retry it itself."""
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except (*RETRYABLE, RayTaskError) as e:
+            cause = e.as_instanceof_cause() if isinstance(e, RayTaskError) else e
+            if not isinstance(cause, (*RETRYABLE, StaleEncoder)) or attempt == attempts - 1:
+                raise
+            await asyncio.sleep(wait_s)
+
+
+class Overloaded(Exception):
+    """This ingress replica has max_inflight searches running: shed the next one (503 + Retry-After)."""
+
+
 # helpers above this line: Serve pickles the class with the module globals that exist at its definition
 @serve.deployment  # options (autoscaling, queues, resources): serve/config.yaml
 @serve.ingress(api)
 class Api:
-    def __init__(self, router: DeploymentHandle, cutoffs: list[int], max_inflight: int) -> None:
-        self.router, self.cutoffs, self.max_inflight = router, cutoffs, max_inflight
+    def __init__(self, router: DeploymentHandle, cutoffs: list[int], max_inflight: int, ladder: str,
+                 levels: list[dict], config: AppConfig) -> None:
+        self.router, self.cutoffs, self.max_inflight, self.ladder = router, cutoffs, max_inflight, ladder
+        self.levels = levels
+        self.depth = len(cutoffs) + 1
         self.inflight = 0
+        self.keys = Keys.load(config.api_keys)
+        self.limiter = Limiter(RateLimit(config.rate, config.burst), serve.get_replica_context().app_name)
+        self.thumbs: dict[tuple[str, int], bytes] = {}
+        self.metrics = metrics.Recorder()
+        self.stop = metrics.start_flusher(self.metrics)
+        self.hub = metrics.hub()
+        self.page = (PAGE / "index.html").read_text()
+        narrow_schema(self.depth, cutoffs)
 
-    @api.post("/search")
-    async def search(self, req: SearchRequest) -> JSONResponse:
-        if not req.query.strip():
-            return error(422, "query: must not be blank")
-        depth = len(self.cutoffs) + 1 if req.levels is None else req.levels
-        if not 1 <= depth <= len(self.cutoffs) + 1:
-            return error(422, f"levels: must be between 1 and {len(self.cutoffs) + 1}, got {depth}")
-        max_k = self.cutoffs[max(0, depth - 2)]  # the last cutoff of that depth (m_1 for level 0 alone)
-        if not 1 <= req.k <= max_k:
-            return error(422, f"k: must be between 1 and the last cutoff {max_k}, got {req.k}")
+    # -- auth, limits, accounting ------------------------------------------------------------------------------
+
+    async def gate(self, request: Request, admin: bool = False) -> Response | None:
+        """401/403/429 before any work: keys (when on), then the client's rate."""
+        key = presented_key(request)
+        if self.keys is not None:
+            role = self.keys.role(key) if key else None
+            if role is None:
+                return error(401, "missing or unknown API key: send Authorization: Bearer KEY",
+                             {"WWW-Authenticate": 'Bearer realm="bicascade"'})
+            if admin and role != "admin":
+                return error(403, "this route needs an admin key")
+        wait = await self.limiter.admit(client_of(request, key if self.keys else None))
+        if wait is not None:
+            return error(429, "rate limit exceeded", {"Retry-After": str(max(1, math.ceil(wait)))})
+        return None
+
+    def count(self, route: str, status: int) -> None:
+        self.metrics.inc("bicascade_responses_total", route=route, status=f"{status // 100}xx")
+
+    async def answer(self, route: str, request: Request, work, admin: bool = False) -> Response:
+        """Gate, run `work()`, map errors to statuses, count the response."""
+        t0 = time.perf_counter()
+        denied = await self.gate(request, admin)
+        if denied is not None:
+            self.count(route, denied.status_code)
+            return denied
+        try:
+            resp = await work()
+        except BadInputError as e:
+            resp = error(422, str(e))
+        except NotIndexedError as e:
+            resp = error(404, str(e))
+        except Overloaded:
+            resp = error(503, f"overloaded: {self.inflight} searches in flight", {"Retry-After": "1"})
+        except RETRYABLE as e:
+            resp = error(503, f"unavailable, retry: {type(e).__name__}", {"Retry-After": "1"})
+        except RayTaskError as e:  # a user's mistake raised inside the router travels wrapped
+            cause = e.as_instanceof_cause()
+            if isinstance(cause, BadInputError):
+                resp = error(422, str(cause))
+            elif isinstance(cause, NotIndexedError):
+                resp = error(404, str(cause))
+            elif isinstance(cause, (*RETRYABLE, StaleEncoder)):
+                resp = error(503, f"unavailable, retry: {type(cause).__name__}", {"Retry-After": "1"})
+            else:
+                raise
+        if isinstance(resp, Response) and resp.status_code == 200 and route == "/search":
+            resp.headers["X-Ingress-Ms"] = f"{(time.perf_counter() - t0) * 1000:.3f}"
+        self.count(route, resp.status_code if isinstance(resp, Response) else 200)
+        return resp
+
+    def request_for(self, req: BaseModel) -> dict:
+        """The router's request; the bounds the schema states for this app (narrow_schema) are checked here."""
+        top = self.cutoffs[0] if self.cutoffs else MAX_K
+        if req.levels is not None and req.levels > self.depth:
+            raise BadInputError(f"levels: must be between 1 and {self.depth}, got {req.levels}")
+        for name in ("k", "offset"):
+            if getattr(req, name) > top:
+                raise BadInputError(f"{name}: must be at most the first cutoff {top}, got {getattr(req, name)}")
+        depth = self.depth if req.levels is None else req.levels
+        out = {"k": req.k, "depth": depth, "offset": req.offset, "min_score": req.min_score, "dedup": req.dedup,
+               "where": req.where.model_dump(exclude_none=True) if req.where else None}
+        if isinstance(req, TextSearch):
+            if not req.query.strip():
+                raise BadInputError("query: must not be blank")
+            out["query"] = req.query
+        elif isinstance(req, ImageIdSearch):
+            out["image_id"] = req.image_id
+        else:
+            out["image"] = decode_upload(req.image)
+        return out
+
+    async def run_search(self, body: dict) -> dict:
         if self.inflight >= self.max_inflight:  # shed load early: a bounded wait beats an unbounded queue
-            return error(503, f"overloaded: {self.inflight} searches in flight", {"Retry-After": "1"})
+            raise Overloaded()
         self.inflight += 1
         try:
-            return JSONResponse(await self.router.search.remote(req.query, req.k, depth))
-        except RETRYABLE as e:
-            return error(503, f"unavailable, retry: {type(e).__name__}", {"Retry-After": "1"})
+            return await retried(lambda: self.router.search.remote(body))
         finally:
             self.inflight -= 1
 
-    @api.get("/images/{image_id}")
-    async def image(self, image_id: str) -> Response:
-        if not ID_PATTERN.fullmatch(image_id):
-            return error(400, "image ids are opaque keys of letters, digits, '-' and '_'")
-        data = await self.router.image.remote(image_id)
-        if data is None:
-            return error(404, f"no image with id {image_id!r}")
-        return Response(data, media_type=_media_type(data))
+    # -- routes ------------------------------------------------------------------------------------------------
+
+    @api.get("/", response_class=HTMLResponse, responses={401: ERR, 429: ERR},
+             description="The search page; `/?q=TEXT` runs that search when it loads.")
+    async def index(self, request: Request, q: str | None = Query(None, description="a search to run on load"),
+                    key: str | None = Query(None, max_length=200)) -> Response:
+        async def work():
+            return HTMLResponse(self.page, headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+        return await self.answer("/", request, work)
+
+    @api.get("/static/{name}", responses={401: ERR, 404: ERR, 429: ERR})
+    async def static(self, request: Request, name: str = PathParam(pattern=r"^[a-z]+\.(js|css)$")) -> Response:
+        async def work():
+            path = PAGE / name
+            if not path.is_file():
+                return error(404, f"no static file {name!r}")
+            kind = "text/javascript" if name.endswith(".js") else "text/css"
+            return Response(path.read_bytes(), media_type=kind, headers={"Cache-Control": "public, max-age=300"})
+        return await self.answer("/static", request, work)
+
+    @api.post("/search", response_model=SearchResponse, responses={**COMMON, 404: ERR, **SERVICE})
+    async def search(self, request: Request, req: SearchRequest) -> Response:
+        async def work():
+            doc = await self.run_search(self.request_for(req))
+            doc["stats"]["uncascaded_gflops"] = self.uncascaded(doc)
+            return JSONResponse(doc)
+        return await self.answer("/search", request, work)
+
+    def uncascaded(self, doc: dict) -> float:
+        """What this query's image encoding would cost without the cascade: the top level over every candidate
+        level 0 ranked (a floor: uncascaded, it would have embedded the whole corpus once)."""
+        levels = doc["stats"]["levels"]
+        top = levels[-1]
+        per_image = top["gflops"] / top["encoded"] if top["encoded"] else 0.0
+        return per_image * levels[0]["candidates"] if per_image else 0.0
+
+    @api.get("/images/{image_id}", responses={200: {"content": {"image/*": {}}}, 401: ERR, 404: ERR, 422: ERR,
+                                               429: ERR, **SERVICE})
+    async def image(self, request: Request, image_id: str = PathParam(pattern=ID),
+                    size: int | None = Query(None, ge=THUMB_SIDES[0], le=THUMB_SIDES[1],
+                                             description="a JPEG thumbnail of at most this side")) -> Response:
+        async def work():
+            data = await self.router.image.remote(image_id)
+            if data is None:
+                return error(404, f"no image with id {image_id!r}")
+            cache = {"Cache-Control": "public, max-age=86400, immutable", "ETag": f'"{image_id}-{size or 0}"'}
+            if size is None:
+                return Response(data, media_type=images.media_type(data), headers=cache)
+            thumb = self.thumbs.get((image_id, size))
+            if thumb is None:
+                thumb = await asyncio.to_thread(lambda: images.jpeg(images.load(data, size).rgb, size))
+                if len(self.thumbs) > 2000:
+                    self.thumbs.clear()
+                self.thumbs[(image_id, size)] = thumb
+            return Response(thumb, media_type="image/jpeg", headers=cache)
+        return await self.answer("/images", request, work)
 
     async def flush(self) -> int:
         """Not an HTTP route: `bicascade serve` calls it on shutdown so no computed embedding is lost."""
         return await self.router.flush.remote()
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Response:
+        async def work():
+            return JSONResponse(api.openapi_schema)
+        return await self.answer("/openapi.json", request, work)
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"ok": True}
 
-    @api.get("/stats")
-    async def stats(self) -> dict:
-        doc = await self.router.stats.remote()
-        return {**doc, "replicas": await asyncio.to_thread(replica_counts)}
+    @api.get("/stats", responses={401: ERR, 403: ERR, 429: ERR, **SERVICE})
+    async def stats(self, request: Request) -> Response:
+        async def work():
+            doc = await self.router.stats.remote()
+            return JSONResponse({**doc, "ladder": self.ladder, "replicas": await asyncio.to_thread(replica_counts)})
+        return await self.answer("/stats", request, work, admin=self.keys is not None)
 
+    @api.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}, 401: ERR, 403: ERR,
+                                                             429: ERR, **SERVICE})
+    async def metrics_route(self, request: Request) -> Response:
+        async def work():
+            await self.router.stats.remote()  # refreshes the cache-row gauges
+            text = await self.hub.render.remote()
+            return Response(text, media_type="text/plain; version=0.0.4")
+        return await self.answer("/metrics", request, work, admin=self.keys is not None)
+
+    # -- clip-retrieval's protocol ------------------------------------------------------------------------------
+
+    @api.get("/ladder", response_model=LadderInfo, responses={401: ERR, 429: ERR})
+    async def ladder_info(self, request: Request) -> Response:
+        async def work():
+            return JSONResponse({"name": self.ladder, "levels": self.levels, "cutoffs": self.cutoffs})
+        return await self.answer("/ladder", request, work)
+
+    @api.get("/indices-list", response_model=list[str], responses={401: ERR, 429: ERR})
+    async def indices(self, request: Request) -> Response:
+        async def work():
+            return JSONResponse([self.ladder])
+        return await self.answer("/indices-list", request, work)
+
+    @api.post("/knn-service", response_model=list[KnnHit], responses={**COMMON, 404: ERR, **SERVICE})
+    async def knn(self, request: Request, req: KnnRequest) -> Response:
+        async def work():
+            if req.indice_name not in (None, self.ladder):
+                return error(404, f"no index {req.indice_name!r}; GET /indices-list")
+            n = req.num_result_ids or req.num_images
+            # the deepest cascade that still ranks n results
+            depth = max([1] + [d for d in range(2, self.depth + 1) if self.cutoffs[d - 2] >= n])
+            body = {"k": min(n, self.cutoffs[0] if self.cutoffs else n), "depth": depth, "offset": 0,
+                    "dedup": 0.94 if req.deduplicate else None, "min_score": None, "where": None}
+            if req.text is not None:
+                body["query"] = req.text
+            else:
+                body["image"] = decode_upload(req.image)
+            doc = await self.run_search(body)
+            base = str(request.base_url).rstrip("/")
+            captions = {m["id"]: m.get("caption") for m in
+                        await self.router.metadata.remote([r["id"] for r in doc["results"]])}
+            return JSONResponse([{"id": r["id"], "similarity": r["score"], "url": f"{base}/images/{r['id']}",
+                                  "caption": captions.get(r["id"])} for r in doc["results"][:req.num_images]])
+        return await self.answer("/knn-service", request, work)
+
+    @api.post("/metadata", response_model=list[MetadataItem], responses={**COMMON, 404: ERR, **SERVICE})
+    async def metadata(self, request: Request, req: MetadataRequest) -> Response:
+        async def work():
+            if req.indice_name not in (None, self.ladder):
+                return error(404, f"no index {req.indice_name!r}; GET /indices-list")
+            rows = {r["id"]: r for r in await self.router.metadata.remote(req.ids)}
+            base = str(request.base_url).rstrip("/")
+            return JSONResponse([{"id": i, "metadata": {"url": f"{base}/images/{i}", "uri": rows[i]["uri"],
+                                                        "caption": rows[i]["caption"], "width": rows[i]["width"],
+                                                        "height": rows[i]["height"],
+                                                        "meta": json.loads(rows[i]["meta"]) if rows[i]["meta"] else {}}
+                                  if i in rows else {}} for i in req.ids])
+        return await self.answer("/metadata", request, work)
+
+
+# --- the app graph --------------------------------------------------------------------------------------------
 
 def shipped_app() -> dict:
     """The application entry of serve/config.yaml: one source for `bicascade serve` and `serve deploy`."""
@@ -152,26 +656,75 @@ def runtime_env() -> dict:
     return shipped_app().get("runtime_env", {})
 
 
+def gpu_shares(gflops: list[float], gpus: float) -> list[float]:
+    """A GPU fraction per Encoder replica of each level: the cluster's GPUs split by level cost, so the costliest
+    level gets the most (each share between 0.05 and 1; replicas beyond what fits wait for the autoscaler)."""
+    if gpus <= 0:
+        return [0.0] * len(gflops)
+    total = sum(gflops) or 1.0
+    return [max(0.05, min(1.0, math.floor(100 * gpus * g / total) / 100)) for g in gflops]
+
+
+def encoder_options(opts: dict[str, dict], infos: list, gpus: float) -> list[dict]:
+    """Each level's deployment options from serve/config.yaml (the deepest entry serves deeper ladders), with a GPU
+    share added where the config names none and the cluster has GPUs."""
+    deepest = opts[max(n for n in opts if n.startswith("Encoder"))]
+    shares = gpu_shares([info.gflops for info in infos], gpus)
+    out = []
+    for j, share in enumerate(shares):
+        o = copy.deepcopy(opts.get(f"Encoder{j}", deepest))
+        actor = o.setdefault("ray_actor_options", {})
+        if share and "num_gpus" not in actor:
+            actor["num_gpus"] = share
+        out.append(o)
+    return out
+
+
+def planned(ladder, plan: dict) -> list:
+    """The levels of a planned cascade: a subsequence of the database's ladder that starts with its level 0."""
+    names = [lv.name for lv in ladder.levels]
+    if not plan["cascade"] or plan["cascade"][0] != names[0] or any(n not in names for n in plan["cascade"]) or \
+            [names.index(n) for n in plan["cascade"]] != sorted(names.index(n) for n in plan["cascade"]):
+        raise BadInputError(f"the plan's cascade {plan['cascade']} is not levels of {ladder.name} ({names}) starting "
+                            "with its level 0")
+    return [ladder.levels[names.index(n)] for n in plan["cascade"]]
+
+
 def build(config: AppConfig) -> serve.Application:
     """The app graph: one Encoder per level, the Router over their handles, the HTTP ingress over the router."""
-    from bicascade import models
-
     opts = deployment_options()
-    levels = models.get_ladder(config.ladder).levels
-    if len(config.cutoffs) != len(levels) - 1:
-        raise ValueError(f"ladder {config.ladder!r} has {len(levels)} levels: give {len(levels) - 1} cutoffs, "
-                         f"got {config.cutoffs}")
+    for name, n in config.replicas.items():
+        if name not in opts and not name.startswith("Encoder"):
+            raise BadInputError(f"replicas: no deployment {name!r} (Api, Router, Encoder0, ...)")
+        fixed = opts.setdefault(name, copy.deepcopy(opts[max(k for k in opts if k.startswith("Encoder"))]))
+        fixed.pop("autoscaling_config", None)
+        fixed["num_replicas"] = int(n)
+    ladder = open_ladder(tables.Database(config.db), config.ladder)
+    infos = ladder.levels
+    margin = None
+    if config.plan is not None:
+        infos = planned(ladder, config.plan)
+        config.cutoffs, margin = list(config.plan["cutoffs"]), config.plan.get("adaptive_margin")
+    for info in infos:  # a missing checkpoint or hub model fails here, not in a replica that Serve keeps restarting
+        models.preflight(info.spec)
+    cutoffs = list(config.cutoffs) if config.cutoffs is not None else list(default_cutoffs(len(infos)))
+    validate(len(infos), cutoffs)
+    Keys.load(config.api_keys)  # a bad key file fails here, in one line
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     # specs, not names: a replica on another node needs no registry, only the checkpoint path
-    deepest = opts[max(n for n in opts if n.startswith("Encoder"))]  # for ladders deeper than the YAML's
-    encoders = [Encoder.options(name=f"Encoder{j}", **opts.get(f"Encoder{j}", deepest))
-                .bind(models.get_model(name), config.db, config.encoder_threads) for j, name in enumerate(levels)]
-    infos = ladder_levels(config.ladder)
-    router = Router.options(**opts["Router"]).bind(config.db, infos, list(config.cutoffs), encoders)
-    return Api.options(**opts["Api"]).bind(router, list(config.cutoffs), config.max_inflight)
+    encoders = [Encoder.options(name=f"Encoder{j}", **o).bind(info.spec, config.db, config.encoder_threads)
+                for j, (info, o) in enumerate(zip(infos, encoder_options(opts, infos, gpus)))]
+    router = Router.options(**opts["Router"]).bind(config.db, infos, cutoffs, encoders,
+                                                   RouterConfig(**{"margin": margin, **config.router}))
+    levels = [{"model": info.name, "gflops": info.gflops} for info in infos]
+    return Api.options(**opts["Api"]).bind(router, cutoffs, config.max_inflight, ladder.name, levels, config)
 
 
 def app_builder(args: dict) -> serve.Application:
     """`serve run bicascade.serve.app:app_builder db=...` and serve/config.yaml enter here."""
     if "cutoffs" in args and isinstance(args["cutoffs"], str):
         args = {**args, "cutoffs": json.loads(f"[{args['cutoffs']}]")}
+    known = set(AppConfig.__dataclass_fields__)
+    if set(args) - known:
+        raise BicascadeError(f"unknown app args {sorted(set(args) - known)}; known: {sorted(known)}")
     return build(AppConfig(**args))

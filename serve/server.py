@@ -10,17 +10,10 @@ import threading
 import ray
 from ray import serve
 
+from bicascade import cluster
 from bicascade.serve.app import AppConfig, build, runtime_env
 
 log = logging.getLogger("bicascade")
-
-
-def connect() -> None:
-    """Join the cluster named by RAY_ADDRESS, else start a local one sized to this machine."""
-    if not ray.is_initialized():
-        kwargs = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}
-        ray.init(include_dashboard=False, log_to_driver=False, namespace="bicascade", runtime_env=runtime_env(),
-                 **kwargs)
 
 
 def deploy(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "bicascade",
@@ -33,7 +26,7 @@ def deploy(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: s
 
 def start(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "bicascade",
           route_prefix: str = "/") -> str:
-    connect()
+    cluster.connect(runtime_env())
     return deploy(config, host, port, name, route_prefix)
 
 
@@ -48,14 +41,37 @@ def stop() -> None:
     ray.shutdown()
 
 
-def serve_forever(config: AppConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+def follow(config: AppConfig, host: str, port: int, done: threading.Event, every_s: float = 5.0) -> None:
+    """Redeploy when the database records another ladder (`bicascade migrate`): Serve replaces the replicas whose
+    arguments changed and keeps the old ones answering until the new ones are up, so no request is refused."""
+    from bicascade.storage import tables
+
+    db = tables.Database(config.db)
+    seen = [r["fingerprint"] for r in db.recorded_ladder()]
+    while not done.wait(every_s):
+        now = [r["fingerprint"] for r in db.recorded_ladder()]
+        if now != seen:
+            log.info("%s records another ladder: redeploying", config.db)
+            try:
+                deploy(config, host, port)
+                seen = now
+                log.info("now serving %s", db.recorded_ladder()[0]["ladder"])
+            except Exception as e:  # keep serving the old app; try again on the next change
+                log.error("redeploy failed, still serving the previous ladder: %s", e)
+
+
+def serve_forever(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, dashboard: bool = False) -> None:
     done = threading.Event()
     try:
-        connect()
+        cluster.connect(runtime_env(), dashboard=dashboard)
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler that aborts
             signal.signal(sig, lambda *_: done.set())
         url = deploy(config, host, port)
-        log.info("serving %s on %s (POST /search, GET /images/{id}, /stats, /healthz); Ctrl-C stops", config.db, url)
+        if config.ladder is None:  # following the database: a migration's new ladder is deployed as it lands
+            threading.Thread(target=follow, args=(config, host, port, done), daemon=True).start()
+        log.info("serving %s on %s (the search page at /, POST /search, GET /images/{id}, /stats, /metrics, "
+                 "/healthz%s); Ctrl-C stops", config.db, url, ", API keys on" if config.api_keys or
+                 os.environ.get("BICASCADE_API_KEYS") else "")
         done.wait()
         log.info("stopping")
     finally:

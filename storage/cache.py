@@ -1,15 +1,54 @@
-"""Per-level embedding caches in LanceDB (`emb_<fingerprint>`): an in-memory front, read-through on misses and
-batched write-back (by size and age) through one writer per table; a crash loses only the unflushed batch."""
+"""Per-level embedding caches in LanceDB (`emb_<fingerprint>`): a memory front (an LRU bounded in bytes),
+read-through on misses and batched write-back (by size and age) through one writer per table; a crash loses only
+the unflushed batch. And level 0's table as the corpus index."""
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from lancedb.expr import col
 
+from bicascade.cascade import top_m
+from bicascade.errors import NotIndexedError
 from bicascade.storage import tables
+
+DEFAULT_FRONT_BYTES = 64 << 20  # per level and process: 32k vectors of 512 floats
+
+
+class LruVectors:
+    """Vectors by id, the least recently used dropped once their bytes exceed `max_bytes`."""
+
+    def __init__(self, max_bytes: int = DEFAULT_FRONT_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        found = {}
+        for i in ids:
+            v = self.items.get(i)
+            if v is not None:
+                self.items.move_to_end(i)
+                found[i] = v
+        return found
+
+    def put(self, vectors: dict[str, np.ndarray]) -> None:
+        for i, v in vectors.items():
+            old = self.items.pop(i, None)
+            self.bytes += v.nbytes - (old.nbytes if old is not None else 0)
+            self.items[i] = v
+        while self.bytes > self.max_bytes and self.items:
+            _, v = self.items.popitem(last=False)
+            self.bytes -= v.nbytes
 
 
 class LevelCache:
@@ -17,28 +56,36 @@ class LevelCache:
 
     One LevelCache per table writes; the others hand new vectors to it through `sink` (on a cluster, a named
     actor). `flush_rows`/`flush_s` bound what a crash loses, which is recomputation, never a wrong result (ids
-    are content hashes and the table is keyed by the model's fingerprint)."""
+    are content hashes and the table is keyed by the model's fingerprint). Pending rows stay readable until they
+    are written, whatever the front evicts."""
 
     def __init__(self, db: tables.Database, fingerprint: str, dim: int, flush_rows: int = 256,
-                 flush_s: float = 5.0, max_memory_rows: int = 1_000_000,
-                 sink: Callable[[list[str], np.ndarray], None] | None = None) -> None:
+                 flush_s: float = 5.0, front_bytes: int = DEFAULT_FRONT_BYTES,
+                 sink: Callable[[list[str], np.ndarray], None] | None = None, max_rows: int | None = None,
+                 hit_sink: Callable[[list[str]], None] | None = None) -> None:
         self.db, self.fingerprint, self.dim, self.sink = db, fingerprint, dim, sink
-        self.name, self.schema = tables.emb_table(fingerprint), tables.emb_schema(dim)
-        self.flush_rows, self.flush_s, self.max_memory_rows = flush_rows, flush_s, max_memory_rows
-        self.memory: dict[str, np.ndarray] = {}
+        self.name, self.schema = tables.emb_table(fingerprint), tables.cache_schema(dim)
+        self.max_rows, self.hit_sink = max_rows, hit_sink
+        self.hits: dict[str, tuple[int, float]] = {}  # id -> (hits, last hit) not yet written
+        self.flush_rows, self.flush_s = flush_rows, flush_s
+        self.memory = LruVectors(front_bytes)
         self.pending: dict[str, np.ndarray] = {}
         self.last_flush = time.monotonic()
         self.lock = threading.Lock()
+        self.flushing = threading.Lock()  # one commit at a time: concurrent merge_inserts of one id duplicate it
         self.writes = 0
 
     def get(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         with self.lock:
-            found = {i: self.memory[i] for i in ids if i in self.memory}
+            found = self.memory.get(ids)
+            found |= {i: self.pending[i] for i in ids if i not in found and i in self.pending}
         rest = [i for i in ids if i not in found]
         if rest and self.db.has(self.name):
             stored = self.db.lookup(self.name, rest)
             found.update(stored)
             self.remember(stored)
+        if found:
+            (self.hit_sink or self.hit)(list(found))
         return found
 
     def put(self, ids: Sequence[str], vectors: np.ndarray) -> None:
@@ -49,51 +96,238 @@ class LevelCache:
             return
         with self.lock:
             for i, v in fresh.items():
-                if i not in self.memory:
-                    self.pending[i] = v
+                self.pending.setdefault(i, v)
         self.remember(fresh)
         self.maybe_flush()
 
     def maybe_flush(self) -> None:
-        if len(self.pending) >= self.flush_rows or (self.pending and time.monotonic() - self.last_flush >= self.flush_s):
+        stale = self.pending and time.monotonic() - self.last_flush >= self.flush_s
+        if len(self.pending) >= self.flush_rows or stale:
             self.flush()
 
     def flush(self) -> int:
         """Write pending vectors (merge_insert on id: an id already stored is never written again)."""
+        with self.flushing:
+            return self._flush()
+
+    def _flush(self) -> int:
         with self.lock:
-            batch, self.pending = self.pending, {}
+            batch = dict(self.pending)
             self.last_flush = time.monotonic()
         if batch:
+            self._upgrade()
+            now = time.time()
             ids = pa.array(list(batch), pa.string())
             vec = pa.FixedSizeListArray.from_arrays(pa.array(np.stack(list(batch.values())).ravel(), pa.float32()),
                                                     self.dim)
-            self.db.insert_new(self.name, self.schema, pa.Table.from_arrays([ids, vec], schema=self.schema))
+            rows = pa.Table.from_arrays([ids, vec, pa.array([now] * len(batch), pa.float64()),
+                                         pa.array([0] * len(batch), pa.int64())], schema=self.schema)
+            self.db.insert_new(self.name, self.schema, rows)
+            with self.lock:  # only now may the rows leave `pending`: a reader never misses them
+                for i in batch:
+                    self.pending.pop(i, None)
             self.writes += 1
             if self.writes % 20 == 0:  # many small commits fragment the table
                 self.db.finish([self.name])
+        self.apply_hits()
+        self.evict()
         return len(batch)
+
+    def _upgrade(self) -> None:
+        """Cache tables written before hits were counted get the two columns (null until hit)."""
+        if self.db.has(self.name) and "hits" not in self.db.table(self.name).schema.names:
+            self.db.table(self.name).add_columns([pa.field("last_hit", pa.float64()), pa.field("hits", pa.int64())])
+            self.db.forget(self.name)
+
+    def hit(self, ids: Sequence[str]) -> None:
+        """Count cache hits (written with the next flush): eviction keeps what is hit, and the hits measure p."""
+        now = time.time()
+        with self.lock:
+            for i in ids:
+                n, _ = self.hits.get(i, (0, now))
+                self.hits[i] = (n + 1, now)
+
+    def apply_hits(self) -> int:
+        with self.lock:
+            hits, self.hits = self.hits, {}
+        if not hits or not self.db.has(self.name):
+            return 0
+        self._upgrade()
+        table = self.db.table(self.name)
+        by_count: dict[int, list[str]] = {}
+        for i, (n, _) in hits.items():
+            by_count.setdefault(n, []).append(i)
+        now = max(t for _, t in hits.values())
+        for n, ids in by_count.items():  # one update per distinct count: in place, no read-modify-write
+            table.update(where=col("id").isin(ids), values_sql={"hits": f"coalesce(hits, 0) + {n}",
+                                                                "last_hit": repr(float(now))})
+        return len(hits)
+
+    def evict(self) -> int:
+        """Past `max_rows`, drop the least recently hit rows down to 90% of it (they are recomputed if asked again)."""
+        if not self.max_rows or not self.db.has(self.name):
+            return 0
+        rows = self.db.count(self.name)
+        if rows <= self.max_rows:
+            return 0
+        data = self.db.dataset(self.name).to_table(columns=["id", "last_hit"])
+        last = np.nan_to_num(data.column("last_hit").to_numpy(zero_copy_only=False).astype(np.float64), nan=0.0)
+        drop = int(rows - 0.9 * self.max_rows)
+        ids = data.column("id").to_numpy(zero_copy_only=False)[np.argsort(last, kind="stable")[:drop]].tolist()
+        table = self.db.table(self.name)
+        for start in range(0, len(ids), 1000):
+            table.delete(col("id").isin(ids[start:start + 1000]))
+        with self.lock:
+            self.memory = LruVectors(self.memory.max_bytes)
+        return len(ids)
+
+    def recent(self, window_s: float) -> int:
+        """Rows hit or added within the last `window_s`: the part of the corpus the live stream touches."""
+        if not self.db.has(self.name) or "last_hit" not in self.db.table(self.name).schema.names:
+            return 0
+        since = time.time() - window_s
+        return self.db.dataset(self.name).count_rows(filter=pc.field("last_hit") >= since)
 
     def rows(self) -> int:
         return self.db.count(self.name)
 
     def remember(self, vectors: dict[str, np.ndarray]) -> None:
         with self.lock:
-            if len(self.memory) + len(vectors) > self.max_memory_rows:
-                self.memory.clear()  # the table still holds everything flushed; pending rows are kept apart
-            self.memory.update(vectors)
-            self.memory.update(self.pending)
+            self.memory.put(vectors)
+
+    def remembered_or_stored(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Like `get`, but counts no hit and remembers nothing: for a look that is not a query's (the audit)."""
+        found = self.remembered(ids)
+        rest = [i for i in ids if i not in found]
+        if rest and self.db.has(self.name):
+            found |= self.db.lookup(self.name, rest)
+        return found
+
+    def remembered(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """What the front or the pending batch holds of `ids` (no table read)."""
+        with self.lock:
+            found = self.memory.get(ids)
+            return found | {i: self.pending[i] for i in ids if i not in found and i in self.pending}
 
 
-class CorpusTable:
-    """CorpusIndex (bicascade.cascade) over level 0's table: its ANN index when one was built, exact otherwise."""
+class InFlight:
+    """Concurrent queries that miss the same image encode it once: later askers wait for the first one's result,
+    or find it in the cache front if the first one has already finished."""
 
-    def __init__(self, db: tables.Database, fingerprint: str) -> None:
-        self.db, self.fingerprint = db, fingerprint
-        name = tables.emb_table(fingerprint)
-        if not db.has(name):
-            raise ValueError(f"{db.uri} has no level-0 table {name}: run `bicascade index SOURCE --db {db.uri}` first")
-        self.rows = db.count(name)
-        self.plan = tables.plan_index(self.rows, min_rows=0) if db.has_vector_index(name) else None
+    def __init__(self, store: LevelCache) -> None:
+        self.store = store
+        self.lock = threading.Lock()
+        self.pending: dict[str, Future] = {}
 
-    def search(self, vector: np.ndarray, m: int) -> tuple[list[str], np.ndarray]:
-        return self.db.search(self.fingerprint, vector, m, self.plan)
+    def encode(self, ids: list[str], encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+        with self.lock:
+            theirs = {i: self.pending[i] for i in ids if i in self.pending}
+            # finished between the caller's cache look-up and now: remembered before its future went away
+            done = self.store.remembered([i for i in ids if i not in theirs])
+            mine = [i for i in ids if i not in theirs and i not in done]
+            for i in mine:
+                self.pending[i] = Future()
+        got: dict[str, np.ndarray] = dict(done)
+        try:
+            if mine:
+                fresh = dict(zip(mine, encode(mine)))
+                self.store.remember(fresh)  # visible to cache look-ups before the futures go away
+                got |= fresh
+            for i in mine:
+                self.pending[i].set_result(got[i])
+        except BaseException as e:
+            for i in mine:
+                self.pending[i].set_exception(e)
+            raise
+        finally:
+            with self.lock:
+                for i in mine:
+                    self.pending.pop(i, None)
+        return np.stack([got[i] if i in got else theirs[i].result() for i in ids])
+
+
+class Corpus:
+    """CorpusIndex (bicascade.cascade) over level 0's table. While the vectors fit `memory_bytes` they are searched
+    exactly in memory (a 5,000 x 128 matrix costs ~0.1 ms a query, a LanceDB scan ~8 ms); beyond that the table's
+    ANN index (or an exact scan, below the ANN's size) answers. New rows written by an index job are picked up by
+    `refresh` (a version check), so a served database sees them without a restart."""
+
+    def __init__(self, db: tables.Database, fingerprint: str, memory_bytes: int = 256 << 20,
+                 exact_max_allowed: int = 20_000) -> None:
+        self.db, self.fingerprint, self.memory_bytes = db, fingerprint, memory_bytes
+        self.exact_max_allowed = exact_max_allowed
+        self.name = tables.emb_table(fingerprint)
+        if not db.has(self.name):
+            raise NotIndexedError(f"{db.uri} has no level-0 table {self.name}: run `bicascade index SOURCE --db "
+                                  f"{db.uri}` first")
+        self.lock = threading.Lock()
+        self.version = -1
+        self.ids: list[str] = []
+        self.pos: dict[str, int] = {}
+        self.matrix: np.ndarray | None = None
+        self.params: tables.AnnParams | None = None
+        self.rows = 0
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Reload if the table changed since the last look; True when it did."""
+        version = self.db.version(self.name)
+        if version == self.version:
+            return False
+        rows = self.db.count(self.name)
+        params = tables.ann_params(rows, min_rows=0) if self.db.has_vector_index(self.name) else None
+        ids, matrix = [], None
+        dim = self.db.table(self.name).schema.field("vector").type.list_size
+        if rows * dim * 4 <= self.memory_bytes:
+            got = self.db.dataset(self.name).to_table(columns=["id", "vector"])
+            ids = got.column("id").to_pylist()
+            matrix = got.column("vector").combine_chunks().flatten().to_numpy().reshape(len(ids), dim)
+        pos = {i: n for n, i in enumerate(ids)}
+        with self.lock:  # queries keep the old snapshot until the new one is complete
+            self.ids, self.pos, self.matrix, self.params = ids, pos, matrix, params
+            self.rows, self.version = rows, version
+        return True
+
+    @property
+    def in_memory(self) -> bool:
+        return self.matrix is not None
+
+    def allow(self, ids: Sequence[str]) -> np.ndarray | list[str]:
+        """The filter form `search` takes for these allowed ids: a row mask in memory, the ids themselves otherwise."""
+        with self.lock:
+            if self.matrix is not None:
+                mask = np.zeros(len(self.ids), bool)
+                mask[[self.pos[i] for i in ids if i in self.pos]] = True
+                return mask
+        return list(ids)
+
+    def search(self, vector: np.ndarray, m: int, allowed: np.ndarray | list[str] | None = None
+               ) -> tuple[list[str], np.ndarray]:
+        with self.lock:
+            ids, matrix, params = self.ids, self.matrix, self.params
+        if matrix is not None:
+            if allowed is not None and len(allowed) != len(ids):  # the table grew since the mask was made
+                allowed = None if not isinstance(allowed, np.ndarray) else np.pad(allowed, (0, len(ids) - len(allowed)))
+            return top_m(ids, matrix @ np.asarray(vector, np.float32), m, allowed)
+        if allowed is None:
+            return self.db.search(self.fingerprint, vector, m, params)
+        if len(allowed) <= self.exact_max_allowed:  # few allowed: exact over their vectors
+            found = self.db.lookup(self.name, allowed)
+            keys = list(found)
+            return top_m(keys, np.stack([found[i] for i in keys]) @ np.asarray(vector, np.float32), m) if keys \
+                else ([], np.zeros(0, np.float32))
+        allow = set(allowed)  # many allowed: over-fetch from the ANN and filter, wider until m are found
+        limit = 4 * m
+        while True:
+            got, scores = self.db.search(self.fingerprint, vector, limit, params)
+            keep = [n for n, i in enumerate(got) if i in allow]
+            if len(keep) >= m or len(got) < limit or limit >= self.rows:
+                return [got[n] for n in keep[:m]], np.asarray(scores)[keep[:m]]
+            limit *= 4
+
+    def vectors(self, ids: Sequence[str]) -> np.ndarray:
+        with self.lock:
+            if self.matrix is not None and all(i in self.pos for i in ids):
+                return self.matrix[[self.pos[i] for i in ids]]
+        found = self.db.lookup(self.name, ids)
+        return np.stack([found[i] for i in ids])

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from datetime import timedelta
 
 import lancedb
 import numpy as np
@@ -13,12 +15,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import BTree, IvfFlat, IvfHnswSq, IvfSq
 
+from bicascade.errors import NotIndexedError
+
 log = logging.getLogger("bicascade")
 
 IMAGES = "images"
 SOURCES = "sources"  # every ingested uri -> its image id (duplicates included): the resume ledger
 ERRORS = "ingest_errors"
 RUNS = "runs"
+LADDER = "ladder"  # the ladder the database was indexed with: one row per level, written by the index job
 
 IMAGES_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -37,6 +42,10 @@ RUNS_SCHEMA = pa.schema([pa.field("run", pa.string()), pa.field("source", pa.str
                          pa.field("status", pa.string()), pa.field("rows", pa.int64()),
                          pa.field("new_rows", pa.int64()), pa.field("errors", pa.int64()),
                          pa.field("started", pa.float64()), pa.field("finished", pa.float64())])
+LADDER_SCHEMA = pa.schema([pa.field("level", pa.int32()), pa.field("ladder", pa.string()),
+                           pa.field("model", pa.string()),  # JSON of the level's model spec (name, arch, weights)
+                           pa.field("fingerprint", pa.string()), pa.field("dim", pa.int32()),
+                           pa.field("recorded", pa.float64())])
 
 
 def emb_table(fingerprint: str) -> str:
@@ -48,11 +57,16 @@ def emb_schema(dim: int) -> pa.Schema:
                       pa.field("vector", pa.list_(pa.float32(), dim))])
 
 
+def cache_schema(dim: int) -> pa.Schema:
+    """A cache level's table: the embedding, when it was last hit and how often (what eviction and the live p read)."""
+    return emb_schema(dim).append(pa.field("last_hit", pa.float64())).append(pa.field("hits", pa.int64()))
+
+
 ANN_CONFIGS = {"IVF_FLAT": IvfFlat, "IVF_SQ": IvfSq, "IVF_HNSW_SQ": IvfHnswSq}
 
 
 @dataclass(frozen=True)
-class IndexPlan:
+class AnnParams:
     """ANN parameters chosen from the row count (None: exact search is fast enough below `min_rows`).
 
     Level 0 must keep recall@m_1 high: no later level can recover a candidate it never returned. Defaults were
@@ -65,29 +79,54 @@ class IndexPlan:
     refine_factor: int | None = None  # re-score refine_factor * k candidates on the full vectors
 
 
-def plan_index(rows: int, min_rows: int = 100_000, index_type: str = "IVF_SQ") -> IndexPlan | None:
+def ann_params(rows: int, min_rows: int = 100_000, index_type: str = "IVF_SQ") -> AnnParams | None:
     if rows < min_rows:
         return None
     partitions = max(16, int(math.sqrt(rows)))
     nprobes = max(8, partitions // 32)
     if index_type == "IVF_FLAT":
-        return IndexPlan(index_type, partitions, nprobes)
+        return AnnParams(index_type, partitions, nprobes)
     if index_type == "IVF_SQ":
-        return IndexPlan(index_type, partitions, nprobes, refine_factor=4)
-    return IndexPlan(index_type, partitions, nprobes, ef=200, refine_factor=2)
+        return AnnParams(index_type, partitions, nprobes, refine_factor=4)
+    return AnnParams(index_type, partitions, nprobes, ef=200, refine_factor=2)
 
 
 class Database:
-    """A LanceDB database as bicascade uses it; the only writer of its tables in a job."""
+    """A LanceDB database as bicascade uses it. Tables are opened once and read at their latest version (a version
+    check costs ~0.1 ms; the dataset behind a table is reopened only when another writer committed)."""
 
     def __init__(self, uri: str, storage_options: dict | None = None) -> None:
         self.uri = uri
-        self.db = lancedb.connect(uri, storage_options=storage_options)
+        self.db = lancedb.connect(uri, storage_options=storage_options, read_consistency_interval=timedelta(0))
+        self._open: dict[str, lancedb.table.Table] = {}
+        self._datasets: dict[str, tuple[int, object]] = {}
+        self._lock = threading.Lock()
 
-    def table(self, name: str, schema: pa.Schema) -> lancedb.table.Table:
-        return self.db.create_table(name, schema=schema, exist_ok=True)
+    def table(self, name: str, schema: pa.Schema | None = None) -> lancedb.table.Table:
+        """The table `name`, opened once (created empty with `schema` when given and missing)."""
+        with self._lock:
+            if name not in self._open:
+                self._open[name] = (self.db.create_table(name, schema=schema, exist_ok=True) if schema is not None
+                                    else self.db.open_table(name))
+            return self._open[name]
+
+    def dataset(self, name: str):
+        """The Lance dataset of `name` at its latest version (reopened only after a commit)."""
+        table = self.table(name)
+        version = table.version
+        with self._lock:
+            cached = self._datasets.get(name)
+            if cached is None or cached[0] != version:
+                cached = (version, table.to_lance())
+                self._datasets[name] = cached
+            return cached[1]
+
+    def version(self, name: str) -> int:
+        return self.table(name).version if self.has(name) else 0
 
     def has(self, name: str) -> bool:
+        if name in self._open:  # tables are never dropped under a running process, except by `cache drop`
+            return True
         token = None
         while True:  # list_tables is paginated
             page = self.db.list_tables(page_token=token)
@@ -97,25 +136,43 @@ class Database:
             if not token:
                 return False
 
+    def names(self) -> list[str]:
+        out, token = [], None
+        while True:  # list_tables is paginated
+            page = self.db.list_tables(page_token=token)
+            out += page.tables
+            token = page.page_token
+            if not token:
+                return out
+
+    def drop(self, name: str) -> None:
+        self.forget(name)
+        self.db.drop_table(name)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._open.pop(name, None)
+            self._datasets.pop(name, None)
+
     def column(self, name: str, column: str) -> list:
         if not self.has(name):
             return []
-        return self.db.open_table(name).to_lance().to_table(columns=[column]).column(column).to_pylist()
+        return self.dataset(name).to_table(columns=[column]).column(column).to_pylist()
 
     def done_uris(self, embedded: set[str]) -> set[str]:
         """Uris a previous run settled for the model whose embedded ids are `embedded`: ingested (possibly as a
         duplicate) with an embedding in that model's table, or recorded as bad."""
         if not self.has(SOURCES):
             return set(self.column(ERRORS, "uri"))
-        ledger = self.db.open_table(SOURCES).to_arrow()
+        ledger = self.dataset(SOURCES).to_table(columns=["uri", "id"])
         done = {u for u, i in zip(ledger.column("uri").to_pylist(), ledger.column("id").to_pylist()) if i in embedded}
         return done | set(self.column(ERRORS, "uri"))
 
     def take(self, name: str, ids: Sequence[str], columns: list[str]) -> pa.Table:
-        """Rows of `ids` (those that exist), opened afresh so other writers' commits are seen; BTREE on id."""
+        """Rows of `ids` (those that exist) at the latest version, so other writers' commits are seen."""
         if not ids or not self.has(name):
             return pa.table({c: [] for c in columns})
-        return self.db.open_table(name).to_lance().to_table(columns=columns, filter=pc.field("id").isin(list(ids)))
+        return self.dataset(name).to_table(columns=columns, filter=pc.field("id").isin(list(ids)))
 
     def lookup(self, name: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Stored vectors of those `ids` that `name` holds."""
@@ -126,19 +183,39 @@ class Database:
         return dict(zip(got.column("id").to_pylist(), flat))
 
     def vectors(self, fingerprint: str, ids: Sequence[str]) -> np.ndarray:
-        """The stored embeddings of `ids`, in that order; KeyError names how many are missing."""
+        """The stored embeddings of `ids`, in that order."""
         name = emb_table(fingerprint)
         found = self.lookup(name, ids)
         missing = [i for i in ids if i not in found]
         if missing:
-            raise KeyError(f"{len(missing)} of {len(ids)} images are not in {self.uri}/{name}")
+            raise NotIndexedError(f"{len(missing)} of {len(ids)} images are not in {self.uri}/{name}")
         return np.stack([found[i] for i in ids])
 
+    def recorded_ladder(self) -> list[dict]:
+        """The ladder rows the index job recorded (level order), or [] for a database never indexed."""
+        if not self.has(LADDER):
+            return []
+        return sorted(self.table(LADDER).to_arrow().to_pylist(), key=lambda r: r["level"])
+
+    def record_ladder(self, rows: Sequence[dict]) -> None:
+        """Replace the recorded ladder (one writer: the index job, or a migration)."""
+        table = self.table(LADDER, LADDER_SCHEMA)
+        table.add(pa.Table.from_pylist([{**r, "recorded": time.time()} for r in rows], schema=LADDER_SCHEMA),
+                  mode="overwrite")
+
+    def last_source(self) -> str | None:
+        """The source of the most recent completed index run."""
+        if not self.has(RUNS):
+            return None
+        runs = self.table(RUNS).to_arrow().to_pylist()
+        done = [r for r in runs if r["status"] == "done"]
+        return max(done, key=lambda r: r["finished"])["source"] if done else None
+
     def has_vector_index(self, name: str) -> bool:
-        return any("vector" in ix.columns for ix in self.db.open_table(name).list_indices())
+        return any("vector" in ix.columns for ix in self.table(name).list_indices())
 
     def count(self, name: str) -> int:
-        return self.db.open_table(name).count_rows() if self.has(name) else 0
+        return self.table(name).count_rows() if self.has(name) else 0
 
     def image_bytes(self, ids: Sequence[str]) -> dict[str, bytes]:
         got = self.take(IMAGES, ids, ["id", "bytes"])
@@ -165,31 +242,32 @@ class Database:
         """Compact the fragments many batched commits leave, and index ids for take-by-id."""
         for name in names:
             if self.has(name):
-                table = self.db.open_table(name)
+                table = self.table(name)
                 table.optimize()
                 if table.count_rows() and "id" in table.schema.names:
                     table.create_index("id", config=BTree(), replace=True)
 
-    def build_ann(self, fingerprint: str, min_rows: int = 100_000, index_type: str = "IVF_SQ") -> IndexPlan | None:
-        table = self.db.open_table(emb_table(fingerprint))
-        plan = plan_index(table.count_rows(), min_rows, index_type)
-        if plan:
+    def build_ann(self, fingerprint: str, min_rows: int = 100_000, index_type: str = "IVF_SQ") -> AnnParams | None:
+        table = self.table(emb_table(fingerprint))
+        params = ann_params(table.count_rows(), min_rows, index_type)
+        if params:
             t0 = time.perf_counter()
-            config = ANN_CONFIGS[plan.index_type](distance_type="cosine", num_partitions=plan.num_partitions)
+            config = ANN_CONFIGS[params.index_type](distance_type="cosine", num_partitions=params.num_partitions)
             table.create_index("vector", config=config, replace=True)
-            log.info("built %s over %d rows in %.1f s", plan.index_type, table.count_rows(), time.perf_counter() - t0)
-        return plan
+            log.info("built %s over %d rows in %.1f s", params.index_type, table.count_rows(), time.perf_counter() - t0)
+        return params
 
-    def search(self, fingerprint: str, vector: np.ndarray, m: int, plan: IndexPlan | None = None) -> tuple[list[str], np.ndarray]:
+    def search(self, fingerprint: str, vector: np.ndarray, m: int,
+               params: AnnParams | None = None) -> tuple[list[str], np.ndarray]:
         """Top-m ids by cosine similarity (exact when there is no ANN index)."""
-        table = self.db.open_table(emb_table(fingerprint))
+        table = self.table(emb_table(fingerprint))
         query = table.search(np.asarray(vector, np.float32)).metric("cosine").limit(m).select(["id", "_distance"])
-        if plan:
-            query = query.nprobes(plan.nprobes)
-            if plan.ef:
-                query = query.ef(plan.ef)
-            if plan.refine_factor:
-                query = query.refine_factor(plan.refine_factor)
+        if params:
+            query = query.nprobes(params.nprobes)
+            if params.ef:
+                query = query.ef(params.ef)
+            if params.refine_factor:
+                query = query.refine_factor(params.refine_factor)
         else:
             query = query.bypass_vector_index()
         res = query.to_arrow()

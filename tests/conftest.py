@@ -1,7 +1,10 @@
-"""Shared fixtures: an isolated cache directory so tests never touch the user's checkpoints or ladders, and a
-tiny indexed corpus for the serving tests."""
+"""Shared fixtures and helpers: an isolated cache directory (tests never touch the user's checkpoints or ladders),
+tiny indexed corpora, one way to run the CLI and one way to start and stop a server."""
 import contextlib
+import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,19 +30,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@contextlib.contextmanager
+def cache_at(path):
+    """BICASCADE_CACHE pointed at `path` while the context lasts (for fixtures wider than one test)."""
+    old = os.environ.get("BICASCADE_CACHE")
+    os.environ["BICASCADE_CACHE"] = str(path)
+    try:
+        yield path
+    finally:
+        os.environ.pop("BICASCADE_CACHE") if old is None else os.environ.update(BICASCADE_CACHE=old)
+
+
 @pytest.fixture(scope="session")
 def indexed_ladder(tmp_path_factory):
-    """A context manager: ladder `name` trained in a cache of its own (kept while the context lasts) and its world's
-    test split indexed into a fresh db with its level 0; gives (ladder, world root, db)."""
+    """A context manager: ladder `name` trained in the run's training cache (one for every test: a teacher is
+    trained once) and its world's test split indexed into a fresh db with its level 0; gives (ladder, world, db)."""
     import ray
 
-    from bicascade.pipelines import index, train
+    from bicascade.pipelines.ingest import index
+    from bicascade.pipelines.lab import train
+
+    trained = tmp_path_factory.mktemp("training-cache")
 
     @contextlib.contextmanager
     def make(name: str):
-        old = os.environ.get("BICASCADE_CACHE")
-        os.environ["BICASCADE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-        try:
+        with cache_at(trained):
             ladder, root = train.ensure_ladder(name)
             db = str(tmp_path_factory.mktemp("db"))
             try:
@@ -47,52 +62,139 @@ def indexed_ladder(tmp_path_factory):
             finally:
                 ray.shutdown()
             yield ladder, root, db
-        finally:
-            os.environ.pop("BICASCADE_CACHE") if old is None else os.environ.update(BICASCADE_CACHE=old)
     return make
 
 
-@pytest.fixture(scope="module")
-def tiny_db(indexed_ladder):
-    """The synthetic-tiny ladder's 300 test images indexed into a fresh db; the module shares its cache."""
+@pytest.fixture(scope="session")
+def tiny_session(indexed_ladder):
+    """The synthetic-tiny ladder trained once for the whole run and its 300 test images indexed once."""
     with indexed_ladder("synthetic-tiny") as (_, _, db):
-        yield db
+        yield os.environ["BICASCADE_CACHE"], db
 
 
-@pytest.fixture(scope="session")
-def free_port():
-    """A function giving a port free on 127.0.0.1 right now (servers bind 127.0.0.1 only)."""
-    def pick() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-    return pick
+@pytest.fixture(scope="module")
+def tiny_db(tiny_session, tmp_path_factory):
+    """A copy of the indexed tiny corpus for this module (its caches start cold), with the session's ladder cache."""
+    cache, db = tiny_session
+    copy = str(tmp_path_factory.mktemp("tiny") / "db")
+    shutil.copytree(db, copy)
+    with cache_at(cache):
+        yield copy
 
 
-@pytest.fixture(scope="session")
-def wait_healthy():
-    """A function that waits until a server subprocess answers GET /healthz (and fails if it dies first)."""
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (servers bind 127.0.0.1 only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`bicascade ARGS` as a user runs it: a subprocess with its own local Ray cluster when it needs one."""
+    r = subprocess.run([sys.executable, "-m", "bicascade.cli", *args], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "RAY_ADDRESS": "", **(env or {})})
+    if check:
+        assert r.returncode == 0, f"bicascade {' '.join(args)} exited {r.returncode}:\n{r.stderr[-4000:]}"
+    return r
+
+
+def cli_json(*args: str, **kw) -> dict:
+    return json.loads(cli(*args, "--json", **kw).stdout)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait until a server subprocess answers GET /healthz (and fail if it dies first)."""
     import requests
 
-    def wait(url: str, proc, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else f"server exited {proc.returncode}"
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).ok:
+                return
+        except requests.RequestException:  # not listening yet, or the app is still deploying
+            pass
+        time.sleep(1)
+    raise TimeoutError(url)
+
+
+class Served:
+    """A running `bicascade serve` subprocess: its URL, its process, and `stop()` (SIGTERM, then the exit code)."""
+
+    def __init__(self, proc: subprocess.Popen, url: str) -> None:
+        self.proc, self.url = proc, url
+        self.stderr = ""
+
+    def stop(self, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                if requests.get(f"{url}/healthz", timeout=2).ok:
-                    return
-            except requests.RequestException:  # not listening yet, or the app is still deploying
-                pass
-            time.sleep(1)
-        raise TimeoutError(url)
-    return wait
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        if self.proc.stderr and not self.stderr:
+            self.stderr = self.proc.stderr.read()
+        return self.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def serve_command():
-    """A function starting `bicascade serve` as a user does: its own local Ray cluster, its own process group."""
-    def start(db: str, ladder: str, port: int, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", db, "--ladder", ladder,
-                                 "--port", str(port), *args], stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
-    return start
+@contextlib.contextmanager
+def serving(db: str, *args: str, env: dict | None = None, wait: bool = True):
+    """`bicascade serve --db DB ARGS` on a free loopback port in its own process group (its own Ray cluster), healthy
+    on entry; stopped with SIGTERM on exit, and SIGKILLed with its whole group if it does not stop."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", db, "--port", str(port), *args],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": "", **(env or {})})
+    served = Served(proc, f"http://127.0.0.1:{port}")
+    try:
+        if wait:
+            wait_healthy(served.url, proc)
+        yield served
+    finally:
+        served.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of its Ray cluster outlives the test
+
+
+def listening(pids=None, marker: str | None = None) -> list[tuple[str, int, str]]:
+    """(ip, port, process name) of every listening TCP socket of a process tree: the trees rooted at `pids`, or
+    every process whose command line contains `marker` (e.g. a cluster's GCS address), and their descendants."""
+    import psutil
+
+    roots = [psutil.Process(p) for p in pids or []]
+    if marker:
+        roots += [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    procs = {}
+    for root in roots:
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                procs[p.pid] = p
+        except psutil.NoSuchProcess:
+            pass
+    out = []
+    for p in procs.values():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            out += [(c.laddr.ip, c.laddr.port, p.name()) for c in p.net_connections("tcp")
+                    if c.status == psutil.CONN_LISTEN]
+    return sorted(set(out))
+
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+@pytest.fixture(scope="module")
+def in_process_server():
+    """A function starting the Serve app in this process (`bicascade.serve.server.start`) on a free port; every app
+    it started is stopped, and Ray shut down, at the end of the module."""
+    from bicascade.serve import server
+
+    started = []
+
+    def start(config) -> str:
+        url = server.start(config, port=free_port())
+        started.append(url)
+        return url
+    yield start
+    if started:
+        server.stop()

@@ -18,6 +18,8 @@ import yaml
 
 from bicascade.serve.app import CONFIG_YAML
 
+from conftest import free_port, wait_healthy
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 LADDER = "synthetic-tiny"
 WORDS = (("one", "two", "three"), ("small", "large"), ("plain", "striped"),
@@ -37,7 +39,8 @@ def cold_db(tiny_db, tmp_path_factory):
     idle for the autoscaler in about one run of three.)"""
     import ray
 
-    from bicascade.pipelines import index, world
+    from bicascade.pipelines.ingest import index
+    from bicascade.pipelines.lab import world
 
     root = world.make_world(tmp_path_factory.mktemp("world"), replace(world.tiny(), seed=1, train=5, val=5, test=6000))
     db = str(tmp_path_factory.mktemp("cold-db"))
@@ -53,7 +56,7 @@ def config_for_test(db: str, port: int) -> dict:
     doc = yaml.safe_load(CONFIG_YAML.read_text())
     doc["http_options"]["port"] = port
     app = doc["applications"][0]
-    app["args"].update(db=db, ladder=LADDER)
+    app["args"].update(db=db)
     top = next(d for d in app["deployments"] if d["name"] == "Encoder2")
     # on 2 cores one client nearly saturates the Router, so the top Encoder's queue stays short: a low target
     top["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.5,
@@ -107,7 +110,7 @@ def wait_for(predicate, timeout: float, url: str) -> float:
     return time.monotonic() - t0
 
 
-def test_expensive_level_scales_up_under_load_and_back_down(cold_db, free_port, wait_healthy, tmp_path):
+def test_expensive_level_scales_up_under_load_and_back_down(cold_db, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     config = tmp_path / "config.yaml"
@@ -115,7 +118,8 @@ def test_expensive_level_scales_up_under_load_and_back_down(cold_db, free_port, 
     serve_cli = Path(sys.executable).with_name("serve")
     proc = subprocess.Popen([str(serve_cli), "run", str(config)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True, start_new_session=True,
-                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # a local cluster
+                            env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # a local cluster,
+                                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # on 127.0.0.1 (see bicascade.cluster)
     load = Load(url)
     try:
         wait_healthy(url, proc)  # the ingress answers before every deployment is up (`serve run` does not wait)
@@ -129,7 +133,8 @@ def test_expensive_level_scales_up_under_load_and_back_down(cold_db, free_port, 
         time.sleep(3)
         load.close()
         print(f"Encoder2: 2 replicas after {up:.1f} s of load ({at_peak} searches), 1 again {down:.1f} s after it "
-              f"fell; {len(load.statuses)} searches; top-level cache {requests.get(f'{url}/stats').json()['levels'][-1]}")
+              f"fell; {len(load.statuses)} searches; top-level cache "
+              f"{requests.get(f'{url}/stats', timeout=30).json()['levels'][-1]}")
         assert at_peak > 0 and len(load.statuses) > at_peak
         assert set(load.statuses) == {200}  # nothing failed while replicas started or stopped
     finally:

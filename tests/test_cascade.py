@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from bicascade.cascade import Cascade, DictCache, ExactIndex, Level, rank, validate
+from bicascade.cascade import Cascade, DictCache, ExactIndex, Level, default_cutoffs, rank, validate
+from bicascade.errors import BadInputError
 
 
 def unit(x):
@@ -47,28 +48,17 @@ class World:
 
 def test_full_cutoffs_equal_top_level_ranking():
     w = World(n=120)
-    cascade = Cascade(w.index, w.levels, cutoffs=[120, 119])
-    out = cascade.search("a red cube", k=100)
+    # m_1 = N: every image reaches level 1; m_2 = N - 1: level 2 ranks all but level 1's last image, exactly as
+    # the top level alone ranks them
+    out = Cascade(w.index, w.levels, cutoffs=[120, 119]).search("a red cube", k=119)
+    level1_ids, _ = w.brute("a red cube", 1)
     ref_ids, ref_scores = w.brute("a red cube", 2)
-    # with m_1 = N every image reaches level 1; level 2 sees the top 119 of level 1, so compare the top 100
-    top_level = Cascade(w.index, [w.levels[0], w.levels[2]], cutoffs=[120]).search("a red cube", k=120)
-    assert [r.id for r in top_level.results] == ref_ids
-    np.testing.assert_allclose([r.score for r in top_level.results], ref_scores, rtol=1e-6)
-    assert len(out.results) == 100
-
-
-def test_cascade_matches_reference_algorithm():
-    w = World(n=300)
-    out = Cascade(w.index, w.levels, cutoffs=[50, 14]).search("two blue spheres", k=10)
-    ids0, _ = w.brute("two blue spheres", 0)
-    top = ids0[:50]
-    pos = {i: n for n, i in enumerate(w.ids)}
-    for j, m in ((1, 50), (2, 14)):
-        q = w.levels[j].encode_text(["two blue spheres"])[0]
-        top, _ = rank(top[:m], w.image[j][[pos[i] for i in top[:m]]] @ q)
-    assert [r.id for r in out.results] == top[:10]
-    assert [s.candidates for s in out.levels] == [50, 50, 14]
-    assert out.results[0].scores[0] >= -1 and len(out.results[0].scores) == 3
+    keep = [n for n, i in enumerate(ref_ids) if i != level1_ids[-1]]
+    assert [r.id for r in out.results] == [ref_ids[n] for n in keep]
+    np.testing.assert_allclose([r.score for r in out.results], ref_scores[keep], rtol=1e-6)
+    # and the 2-level cascade with m_1 = N is the top level's whole ranking
+    two = Cascade(w.index, [w.levels[0], w.levels[2]], cutoffs=[120]).search("a red cube", k=120)
+    assert [r.id for r in two.results] == ref_ids
 
 
 def test_misses_encoded_in_one_batch_and_written_back():
@@ -138,11 +128,18 @@ def test_shared_text_tower_computed_once():
     ([50, 0], 1, "positive integers"),
 ])
 def test_validation(cutoffs, k, msg):
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(BadInputError, match=msg):
         validate(3, cutoffs, k)
+
+
+def test_default_cutoffs():
+    assert default_cutoffs(1) == () and default_cutoffs(2) == (50,) and default_cutoffs(3) == (50, 14)
+    deep = default_cutoffs(5)
+    assert deep[0] == 50 and deep[-1] == 14 and list(deep) == sorted(deep, reverse=True)
+    validate(5, deep, 10)
 
 
 def test_search_rejects_k_above_cutoff():
     w = World()
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(BadInputError, match="exceeds"):
         Cascade(w.index, w.levels, cutoffs=[50, 14]).search("q", k=15)

@@ -1,15 +1,9 @@
 """The `bicascade` command as a user runs it: subprocesses, one JSON document on stdout."""
 import json
-import subprocess
-import sys
-
 
 import pytest
 
-
-def run(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "bicascade.cli", *args], capture_output=True, text=True,
-                          check=check, timeout=600)
+from conftest import cli as run
 
 
 def test_help_lists_subcommands():
@@ -30,7 +24,7 @@ def test_costs_json_contract():
 
 def test_ladders_json_contract():
     doc = json.loads(run("ladders", "--json").stdout)
-    names = {l["name"]: l for l in doc["ladders"]}
+    names = {row["name"]: row for row in doc["ladders"]}
     assert names["openclip-vit"]["levels"] == ["ViT-B-16", "ViT-L-14", "ViT-g-14"]
     assert names["openclip-vit"]["shared_text_tower"] is False
 
@@ -45,6 +39,8 @@ def test_bad_input_exits_nonzero_with_message():
 def test_eval_unknown_ladder():
     r = run("eval", "--ladder", "nope", "--json", check=False)
     assert r.returncode == 2 and "unknown ladder 'nope'" in r.stderr and r.stdout == ""
+    r = run("eval", "--ladder", "synthetic-tiny", "--json", check=False)  # nothing trains behind the user's back
+    assert r.returncode == 2 and "bicascade train --ladder synthetic-tiny" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
@@ -52,6 +48,7 @@ def test_eval_unknown_ladder():
 def test_demo_json_contract(tmp_path):
     r = run("demo", "--ladder", "synthetic-tiny", "--workdir", str(tmp_path), "--no-serve", "--json")
     doc = json.loads(r.stdout)
+    assert doc["ladder"] == "synthetic-tiny" and doc["index"]["ladder"] == "synthetic-tiny"
     assert set(doc) >= {"db", "index", "eval", "simulate"}
     assert doc["eval"]["queries"] == 900 and len(doc["eval"]["levels"]) == 3
     assert (tmp_path / "world" / "captions.parquet").exists()

@@ -2,7 +2,6 @@
 an index job and a served query on it, compared with the single-process run over the same database."""
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +9,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from bicascade.actors import router
-from bicascade.pipelines import train
+from bicascade import query
+from bicascade.pipelines.lab import train
+
+from conftest import LOOPBACK, cli_json, free_port, listening, serving
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 LADDER = "synthetic-tiny"
@@ -20,65 +21,70 @@ RAY = str(Path(sys.executable).with_name("ray"))
 PLACEMENT = f"""
 import json, ray
 from ray import serve
-from bicascade.actors import router
+from bicascade import query
 ray.init(namespace="bicascade")
 print(json.dumps({{
     "workers": [n["NodeID"] for n in ray.nodes() if n["Alive"] and "worker_node" in n["Resources"]],
     "encoders": [serve.get_deployment_handle(f"Encoder{{j}}", "bicascade").info.remote().result()["node"]
                  for j in range(3)],
     "writers": [ray.get(ray.get_actor(f"bicascade-cache-{{i.fingerprint}}").node.remote())
-                for i in router.ladder_levels({LADDER!r})[1:]]}}))
+                for i in query.registered({LADDER!r}).levels[1:]]}}))
 """
+# `ray start --address` with a loopback node IP: Ray 2.60 rewrites 127.0.0.1 to the interface address unless its
+# cluster mode is off, and refuses to join a cluster when it is; keep the address as given instead
+RAY_START = ("import sys, ray._private.services as s; s.resolve_ip_for_localhost = lambda h: h; "
+             "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()")
+LOCAL = {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tiny_session, monkeypatch):  # the run's tiny ladder, trained once
+    monkeypatch.setenv("BICASCADE_CACHE", tiny_session[0])
 
 
 @pytest.fixture
-def cluster(free_port):
-    """Head with no CPUs (drivers, Serve controller, cache writers) + a worker with 2 CPUs (all compute)."""
+def cluster():
+    """Head with no CPUs (drivers, Serve controller, cache writers) + a worker with 2 CPUs (all compute), both on
+    127.0.0.1 only; token auth off (it is on by default for `ray start`): this cluster listens on loopback only."""
     address = f"127.0.0.1:{free_port()}"
-    # token auth is on by default for `ray start`; this throwaway cluster listens on this machine only
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **LOCAL}
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     try:
         subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=0",
-                        "--include-dashboard=false", *common], check=True, env=env, timeout=180, capture_output=True)
-        subprocess.run([RAY, "start", f"--address={address}", "--num-cpus=2", '--resources={"worker_node": 1}',
-                        *common], check=True, env=env, timeout=180, capture_output=True)
+                        "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+                        f"--dashboard-agent-listen-port={free_port()}", *common], check=True, env=env, timeout=180,
+                       capture_output=True)
+        worker_env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        subprocess.run([sys.executable, "-c", RAY_START, "start", f"--address={address}", "--num-cpus=2",
+                        '--resources={"worker_node": 1}', f"--dashboard-agent-listen-port={free_port()}", *common],
+                       check=True, env=worker_env, timeout=180, capture_output=True)
         yield address
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, timeout=180, capture_output=True)
 
 
-def test_index_and_serve_on_two_nodes(cluster, tmp_path, free_port, wait_healthy):
+def test_index_and_serve_on_two_nodes(cluster, tmp_path):
     _, root = train.ensure_ladder(LADDER)
     db = str(tmp_path / "db")
-    env = {**os.environ, "RAY_ADDRESS": cluster, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "bicascade.cli", "index", str(root / "test"), "--db", db,
-                          "--ladder", LADDER, "--json"], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["rows"] == 300
+    env = {**LOCAL, "RAY_ADDRESS": cluster}
+    assert cli_json("index", str(root / "test"), "--db", db, "--ladder", LADDER, env=env)["rows"] == 300
 
-    cascade, _ = router.local_cascade(db, LADDER, [50, 14], device="cpu")  # one process, no Ray: the reference
-    want = {q: [r.id for r in cascade.search(q, k=10).results] for q in QUERIES}
+    search = query.LocalSearch(db, device="cpu")  # one process, no Ray: the reference
+    want = {q: [r["id"] for r in search.search(q, k=10)["results"]] for q in QUERIES}
+    search.close()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", db, "--ladder", LADDER,
-                             "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        wait_healthy(url, proc)
+    with serving(db, env=env) as server:
         for q in QUERIES:
-            got = requests.post(f"{url}/search", json={"query": q, "k": 10}, timeout=120).json()
+            got = requests.post(f"{server.url}/search", json={"query": q, "k": 10}, timeout=120).json()
             assert [r["id"] for r in got["results"]] == want[q]
-        placement = subprocess.run([sys.executable, "-c", PLACEMENT], env=env, capture_output=True, text=True,
-                                   timeout=120)  # its own driver: this process stays free of the cluster
+        placement = subprocess.run([sys.executable, "-c", PLACEMENT], env={**os.environ, **env}, capture_output=True,
+                                   text=True, timeout=120)  # its own driver: this process stays free of the cluster
         assert placement.returncode == 0, placement.stderr
         where = json.loads(placement.stdout)
         assert set(where["encoders"]) <= set(where["workers"]) and set(where["writers"]).isdisjoint(where["workers"])
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        sockets = listening([server.proc.pid], marker=cluster)  # the app's driver, both nodes and their workers
+        assert len(sockets) > 5 and {ip for ip, _, _ in sockets} <= LOOPBACK, sockets
+        assert server.stop() == 0
 
 
 @pytest.mark.timeout(120)

@@ -1,9 +1,15 @@
 """Vectorised cascade evaluation equals Algorithm 1 per query; eval on a tiny trained ladder."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from bicascade import images, models, query
 from bicascade.cascade import Cascade, ExactIndex, Level
-from bicascade.pipelines import evaluate, train
+from bicascade.errors import NotIndexedError
+from bicascade.pipelines.lab import train
+from bicascade.pipelines.measure import evaluate
+from bicascade.storage import tables
 
 
 def unit(x):
@@ -18,7 +24,7 @@ def test_cascade_topk_equals_algorithm_1():
     top = evaluate.cascade_topk(texts, images, [50, 14], 10)
     ids = [f"{i:05d}" for i in range(n)]  # zero-padded: id order == index order, as in the stable sort
     for q in range(30):
-        levels = [Level(f"L{j}", encode_text=lambda t, j=j: texts[j][[q]],
+        levels = [Level(f"L{j}", encode_text=lambda t, j=j, q=q: texts[j][[q]],
                         encode_images=lambda xs, j=j: images[j][[int(x) for x in xs]]) for j in range(3)]
         out = Cascade(ExactIndex(ids, images[0]), levels, [50, 14]).search("q", k=10)
         assert [int(r.id) for r in out.results] == top[q].tolist()
@@ -29,42 +35,70 @@ def test_recall():
     assert evaluate.recall(topk, np.array([1, 5])) == {"1": 0.0, "5": 0.5, "10": 0.5}
 
 
-@pytest.mark.slow
-def test_eval_on_tiny_ladder():
-    ladder, root = train.ensure_ladder("synthetic-tiny")
-    doc = evaluate.evaluate(root, ladder, cutoffs=(50, 14))
-    assert doc["queries"] == 3 * doc["images"] == 900
-    assert [lv["model"] for lv in doc["levels"]] == list(ladder.levels)
-    assert [c["m"] for c in doc["cascades"]] == [[50], [50], [50, 14]]
-    for row in doc["levels"] + doc["cascades"]:
-        r = row["recall"]
-        assert 0 <= r["1"] <= r["5"] <= r["10"] <= 1
-    assert doc["levels"][-1]["recall"]["10"] > 10 / 300  # better than chance
-    assert all(c["f_life"] > 1 for c in doc["cascades"])
-    # cutoffs covering the whole pool: the cascade is the top level
-    full = evaluate.evaluate(root, ladder, cutoffs=(300, 299))
-    assert full["cascades"][0]["recall"]["10"] == pytest.approx(full["levels"][-1]["recall"]["10"])
+@pytest.fixture(autouse=True)
+def isolated_cache():  # the module shares tiny_db's cache
+    yield
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_eval_reads_level0_from_the_index(tmp_path):
-    import ray
-
-    from bicascade.pipelines import index
-
+def test_eval_on_tiny_ladder(tiny_db):
     ladder, root = train.ensure_ladder("synthetic-tiny")
+    resolved = query.registered(ladder.name)
+    report = evaluate.evaluate(root, resolved, cutoffs=(50, 14))
+    assert report.queries == 3 * report.images == 900
+    assert [lv.model for lv in report.levels] == list(ladder.levels)
+    assert [c.m for c in report.cascades] == [[50], [50], [50, 14]]
+    for row in report.levels + report.cascades:
+        r = row.recall
+        assert 0 <= r["1"] <= r["5"] <= r["10"] <= 1
+    assert report.levels[-1].recall["10"] > 10 / 300  # better than chance
+    assert all(c.f_life > 1 for c in report.cascades)
+    # cutoffs covering the whole pool: the cascade is the top level
+    full = evaluate.evaluate(root, resolved, cutoffs=(300, 299))
+    assert full.cascades[0].recall["10"] == pytest.approx(full.levels[-1].recall["10"])
+
+    # level 0 read from the index: the same vectors the index job stored, so the same recall
+    with pytest.raises(NotIndexedError, match="index the world's test split first"):
+        evaluate.evaluate(root, resolved, db=str(root / "no-db"))
+    stored = evaluate.evaluate(root, resolved, db=tiny_db)
+    assert stored.db == tiny_db and report.db is None
+    assert evaluate.world_of(tables.Database(tiny_db), None) == root  # the world the db indexed
+    for a, b in zip(stored.levels + stored.cascades, report.levels + report.cascades):
+        assert a.recall == pytest.approx(b.recall, abs=1 / 900)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_one_file_gives_one_vector_through_the_index_job_and_eval(tiny_db, tmp_path):
+    """The single image path: a photo-like file (EXIF-rotated, with alpha, 16-bit...) decoded by the index job and by
+    eval gives the same level-0 vector."""
+    from PIL import Image
+
+    from bicascade.pipelines.ingest import index
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "files"
+    folder.mkdir()
+    base = Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.transpose(Image.Transpose.ROTATE_90).save(folder / "rotated.jpg", quality=90, exif=exif)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(100)
+    rgba.save(folder / "alpha.png")
+    Image.fromarray((rng.integers(0, 65535, (60, 70))).astype(np.uint16)).save(folder / "deep.png")
+    paths = sorted(str(p) for p in folder.iterdir())
     db = str(tmp_path / "db")
-    with pytest.raises(ValueError, match="index the world's test split first"):
-        evaluate.evaluate(root, ladder, db=db)
     try:
-        index.run_index(str(root / "test"), db, "synthetic-tiny")
+        index.run_index(str(folder), db, "synthetic-tiny")
     finally:
+        import ray
         ray.shutdown()
-    stored = evaluate.evaluate(root, ladder, db=db)
-    fresh = evaluate.evaluate(root, ladder)
-    assert stored["db"] == db and fresh["db"] is None
-    for a, b in zip(stored["levels"] + stored["cascades"], fresh["levels"] + fresh["cascades"]):
-        for k in ("1", "5", "10"):  # same vectors up to fp16 pixels in transit
-            assert a["recall"][k] == pytest.approx(b["recall"][k], abs=0.01)
+    level0 = query.registered("synthetic-tiny").levels[0]
+    ids = [images.content_id(Path(p).read_bytes()) for p in paths]
+    stored = tables.Database(db).vectors(level0.fingerprint, ids)
+    fresh = evaluate.embed_images(models.load_model(level0.spec, device="cpu"), paths)
+    np.testing.assert_allclose(stored, fresh, atol=1e-5)

@@ -16,22 +16,25 @@ import pytest
 import ray
 from PIL import Image
 
-from bicascade import images, models
-from bicascade.pipelines import index, train
+from bicascade import images, models, query
+from bicascade.errors import BadInputError, MissingWeightsError
+from bicascade.pipelines.ingest import index
+from bicascade.pipelines.lab import train
 from bicascade.storage import tables
+
+from conftest import cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 LADDER = "synthetic-tiny"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster(tmp_path_factory):
-    old = os.environ.get("BICASCADE_CACHE")
-    os.environ["BICASCADE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    train.ensure_ladder(LADDER)  # trained once per module (seconds)
-    yield
-    ray.shutdown()
-    os.environ.pop("BICASCADE_CACHE") if old is None else os.environ.update(BICASCADE_CACHE=old)
+def ray_cluster(tiny_session):
+    from conftest import cache_at
+
+    with cache_at(tiny_session[0]):  # the run's tiny ladder, trained once
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +63,8 @@ def bad_corpus(root):
     (root / "notes.jpg").write_text("this is not an image")
     save(Image.new("1", (10000, 8000)), root / "bomb.png")  # 80 MP declared, a few KB on disk
     save(picture(12).convert("CMYK"), root / "cmyk.jpg")
-    save(Image.fromarray((np.random.default_rng(13).integers(0, 65535, (30, 40))).astype(np.uint16)), root / "deep16.png")
+    deep = np.random.default_rng(13).integers(0, 65535, (30, 40)).astype(np.uint16)
+    save(Image.fromarray(deep), root / "deep16.png")
     save(picture(14).convert("P"), root / "palette.png")
     frames = [picture(15 + i) for i in range(3)]
     frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
@@ -82,7 +86,7 @@ def read(db_uri, name):
 def test_bad_input_is_recorded_and_good_images_indexed(tmp_path):
     corpus = bad_corpus(tmp_path / "corpus")
     db = str(tmp_path / "db")
-    doc = index.run_index(str(corpus), db, LADDER)
+    doc = index.run_index(str(corpus), db, LADDER).to_json()
     good = {"good0.png", "good1.png", "good2.png", "good3.png", "good4.png", "good5.png", "photo.jpg", "cmyk.jpg",
             "deep16.png", "palette.png", "anim.gif", "la.png", "rgba.png", "nested.webp"}
     bad = {"empty.jpg", "truncated.jpg", "notes.jpg", "bomb.png"}
@@ -102,9 +106,9 @@ def test_bad_input_is_recorded_and_good_images_indexed(tmp_path):
     vectors = np.array([r["vector"] for r in read(db, doc["table"])])
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
     # rerun: nothing new, nothing re-encoded
-    again = index.run_index(str(corpus), db, LADDER)
+    again = index.run_index(str(corpus), db).to_json()  # the database remembers its ladder
     assert (again["rows"], again["new_rows"], again["errors"]) == (len(good), 0, 0)
-    assert again["skipped"] == len(good) + 1 + len(bad)
+    assert again["skipped"] == len(good) + 1 + len(bad) and again["ladder"] == LADDER
 
 
 @pytest.mark.parametrize("size", [32, (32, 32)])
@@ -113,8 +117,10 @@ def test_decode_batch_pads_bad_rows_to_the_model_size(tmp_path, size):
     save(picture(1), tmp_path / "ok.png")
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     cfg = {**models.describe(models.get_model(train.level_names(train.PROFILES[LADDER])[0]))[0], "size": size}
-    out = index.decode_batch({"uri": np.array([str(tmp_path / "ok.png"), str(tmp_path / "bad.jpg")])}, cfg, set(), set())
-    assert out["pixels"].shape == (2, 3, 32, 32) and list(out["status"]) == ["new", "error"]
+    uris = np.array([str(tmp_path / "ok.png"), str(tmp_path / "bad.jpg")])
+    out = index.decode_batch({"uri": uris}, cfg, set(), set())
+    assert out["pixels"].shape == (2, 32, 32, 3) and out["pixels"].dtype == np.uint8
+    assert list(out["status"]) == ["new", "error"] and not out["pixels"][1].any()
 
 
 def test_vectors_match_the_model(tmp_path):
@@ -122,12 +128,12 @@ def test_vectors_match_the_model(tmp_path):
     corpus.mkdir()
     paths = [save(picture(i), corpus / f"{i}.png") for i in range(5)]
     doc = index.run_index(str(corpus), str(tmp_path / "db"), LADDER)
-    rows = {r["id"]: np.array(r["vector"]) for r in read(str(tmp_path / "db"), doc["table"])}
+    rows = {r["id"]: np.array(r["vector"]) for r in read(str(tmp_path / "db"), doc.table)}
     model = models.load_model(models.get_model(train.level_names(train.PROFILES[LADDER])[0]), device="cpu")
-    expect = model.encode_images([Image.open(p) for p in paths])
+    expect = model.encode_images([Image.open(p).convert("RGB") for p in paths])
     for p, e in zip(paths, expect):
-        np.testing.assert_allclose(rows[images.content_id(p.read_bytes())], e, atol=2e-3)  # fp16 pixels in transit
-    assert doc["table"] == tables.emb_table(model.fingerprint)
+        np.testing.assert_allclose(rows[images.content_id(p.read_bytes())], e, atol=1e-5)
+    assert doc.table == tables.emb_table(model.fingerprint)
 
 
 def test_parquet_and_tar_sources(tmp_path):
@@ -153,23 +159,46 @@ def test_parquet_and_tar_sources(tmp_path):
                 tar.addfile(info, io.BytesIO(data))
     db = str(tmp_path / "db")
     d1 = index.run_index(str(tmp_path / "bytes.parquet"), db, LADDER)
-    assert (d1["rows"], d1["new_rows"]) == (4, 4)
+    assert (d1.rows, d1.new_rows) == (4, 4)
     rows = {r["caption"]: r for r in read(db, tables.IMAGES)}
     assert json.loads(rows["cap 2"]["meta"]) == {"score": 0.3}
     d2 = index.run_index(str(tmp_path / "paths"), db, LADDER)  # same bytes as two parquet rows: no new rows
-    assert (d2["new_rows"], d2["errors"]) == (0, 1)
+    assert (d2.new_rows, d2.errors) == (0, 1)
     assert [e["stage"] for e in read(db, tables.ERRORS)] == ["read"]
     d3 = index.run_index(str(tmp_path / "shards"), db, LADDER)
-    assert d3["new_rows"] == 0 and d3["rows"] == 4
+    assert d3.new_rows == 0 and d3.rows == 4
 
 
 def test_missing_and_empty_sources(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bicascade.cli", "index", str(tmp_path / "nope"), "--db",
-                        str(tmp_path / "db"), "--ladder", LADDER], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "source does not exist" in r.stderr
+    r = cli("index", str(tmp_path / "nope"), "--db", str(tmp_path / "db"), "--ladder", LADDER, check=False)
+    assert r.returncode == 2 and "source does not exist" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="source has no images"):
+    with pytest.raises(BadInputError, match="source has no images"):
         index.run_index(str(tmp_path / "empty"), str(tmp_path / "db"), LADDER)
+
+
+def test_a_new_database_needs_a_ladder_and_then_remembers_it(tmp_path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(3):
+        picture(i).save(corpus / f"{i}.png")
+    db = str(tmp_path / "db")
+    r = cli("index", str(corpus), "--db", db, check=False)  # nothing falls back to a default ladder
+    assert r.returncode == 2 and "--ladder NAME" in r.stderr and "ladders add" in r.stderr
+    assert "synthetic-tiny" in r.stderr  # the known ladders are listed
+    assert not os.path.exists(os.path.join(db, f"{tables.IMAGES}.lance"))
+    index.run_index(str(corpus), db, LADDER)
+    remembered = query.open_ladder(tables.Database(db), None)
+    assert remembered.name == LADDER and remembered.names == list(models.get_ladder(LADDER).levels)
+    # a ladder with another level 0 is refused, saying what to do instead
+    models.register_ladder(models.Ladder("other-level0", (models.get_ladder(LADDER).levels[1],)))
+    with pytest.raises(BadInputError, match="index into a new database, or use a ladder whose level 0"):
+        index.run_index(str(corpus), db, "other-level0")
+    # the same level 0 under other upper levels is allowed, and becomes the database's ladder
+    levels = models.get_ladder(LADDER).levels
+    models.register_ladder(models.Ladder("same-level0", (levels[0], levels[2])))
+    assert index.run_index(str(corpus), db, "same-level0").new_rows == 0
+    assert query.open_ladder(tables.Database(db), None).names == [levels[0], levels[2]]
 
 
 @pytest.mark.slow
@@ -180,8 +209,9 @@ def test_sigkill_midrun_then_resume(tmp_path):
         picture(i, (24, 24)).save(corpus / f"{i:04d}.png")
     (corpus / "dup.png").write_bytes((corpus / "0000.png").read_bytes())
     db = str(tmp_path / "db")
-    cmd = [sys.executable, "-c", "import sys; from bicascade.pipelines import index; "
-           "index.run_index(sys.argv[1], sys.argv[2], 'synthetic-tiny', index.IndexConfig(batch_size=16, flush_rows=32))",
+    cmd = [sys.executable, "-c", "import sys; from bicascade.pipelines.ingest import index; "
+           "index.run_index(sys.argv[1], sys.argv[2], 'synthetic-tiny', "
+           "index.IndexConfig(batch_size=16, flush_rows=32))",
            str(corpus), db]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -195,19 +225,19 @@ def test_sigkill_midrun_then_resume(tmp_path):
     assert 0 < partial < 601, "the kill should land mid-run"
     doc = index.run_index(str(corpus), db, LADDER)
     ids = [r["id"] for r in read(db, tables.IMAGES)]
-    assert len(ids) == len(set(ids)) == 600 == doc["rows"]
-    emb = [r["id"] for r in read(db, doc["table"])]
+    assert len(ids) == len(set(ids)) == 600 == doc.rows
+    emb = [r["id"] for r in read(db, doc.table)]
     assert len(emb) == len(set(emb)) == 600
-    assert doc["skipped"] >= partial - 32
+    assert doc.skipped >= partial - 32
 
 
-def test_new_level0_model_writes_a_new_table(tmp_path, monkeypatch):
+def test_changed_weights_key_a_new_table_and_a_recorded_checkpoint_must_not_change(tmp_path):
     corpus = tmp_path / "c"
     corpus.mkdir()
     for i in range(3):
         picture(i).save(corpus / f"{i}.png")
     db = str(tmp_path / "db")
-    first = index.run_index(str(corpus), db, LADDER)
+    first = index.run_index(str(corpus), str(tmp_path / "db0"), LADDER)
     spec = models.get_model(train.level_names(train.PROFILES[LADDER])[0])
     loaded = models.load_model(spec, device="cpu")
     import torch
@@ -217,5 +247,9 @@ def test_new_level0_model_writes_a_new_table(tmp_path, monkeypatch):
     models.register_model(models.ModelSpec("changed", spec.arch, checkpoint=str(ckpt)))
     models.register_ladder(models.Ladder("changed-ladder", ("changed",)))
     second = index.run_index(str(corpus), db, "changed-ladder")
-    assert second["table"] != first["table"] and second["rows"] == 3
-    assert lancedb.connect(db).open_table(first["table"]).count_rows() == 3
+    assert second.table != first.table and second.rows == 3
+    with torch.no_grad():  # the recorded checkpoint is overwritten with other weights: a clear error, not stale vectors
+        loaded.model.visual.proj.mul_(2)
+    models.save_checkpoint(loaded.model, ckpt)
+    with pytest.raises(MissingWeightsError, match="changed since"):
+        query.open_ladder(tables.Database(db), None)

@@ -5,19 +5,20 @@ import torch
 from PIL import Image
 
 from bicascade import models
+from bicascade.errors import MissingWeightsError, UnknownNameError
 
 
 def test_builtin_ladders_registered():
-    ladders = {l.name: l for l in models.list_ladders()}
+    ladders = {ladder.name: ladder for ladder in models.list_ladders()}
     assert ladders["openclip-vit"].levels == ("ViT-B-16", "ViT-L-14", "ViT-g-14")
     assert ladders["openclip-convnext"].levels == ("convnext_base_w", "convnext_large_d", "convnext_xxlarge")
     assert models.get_model("ViT-g-14").pretrained == "laion2b_s34b_b88k"
 
 
 def test_unknown_names_list_known_ones():
-    with pytest.raises(models.UnknownNameError, match="openclip-vit"):
+    with pytest.raises(UnknownNameError, match="openclip-vit"):
         models.get_ladder("nope")
-    with pytest.raises(models.UnknownNameError, match="ViT-B-16"):
+    with pytest.raises(UnknownNameError, match="ViT-B-16"):
         models.get_model("not-a-model")
 
 
@@ -59,17 +60,47 @@ def test_fingerprint_tracks_weights(tmp_path, checkpoint):
     assert models.load_model(spec, device="cpu").fingerprint == fp1
 
 
+class Payload:
+    """An object whose unpickling would run code: weights_only=True must refuse the file before that."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (setattr, (Payload, "ran", True))
+
+
 def test_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(MissingWeightsError, match="checkpoint not found"):
         models.read_state_dict(tmp_path / "missing.pt")
     bad = tmp_path / "pickled.pt"
-    torch.save({"x": object()}, bad)  # arbitrary pickles are refused by weights_only=True
-    with pytest.raises(Exception):
+    torch.save({"x": Payload()}, bad)
+    with pytest.raises(MissingWeightsError, match="cannot be read safely"):
         models.read_state_dict(bad)
+    assert not Payload.ran
     wrong = tmp_path / "wrong.pt"
     torch.save({"foo": torch.zeros(1)}, wrong)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(MissingWeightsError, match="does not fit"):
         models.load_model(models.ModelSpec("w", "bc-test-vit", checkpoint=str(wrong)), device="cpu")
+    other = models.save_checkpoint(models.create("bc-tiny-s"), tmp_path / "other-arch.pt")
+    with pytest.raises(MissingWeightsError, match="does not fit"):
+        models.load_model(models.ModelSpec("w", "bc-test-vit", checkpoint=str(other)), device="cpu")
+
+
+def test_open_clip_training_checkpoints_load(tmp_path, checkpoint):
+    path, original = checkpoint
+    wrapped = tmp_path / "epoch_3.pt"  # what open_clip's trainer writes: a dict with a DDP-prefixed state_dict
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in
+                                                           models.read_state_dict(path).items()}}, wrapped)
+    loaded = models.load_model(models.ModelSpec("t", "bc-test-vit", checkpoint=str(wrapped)), device="cpu")
+    im = [Image.new("RGB", (32, 32), "green")]
+    np.testing.assert_allclose(loaded.encode_images(im), original.encode_images(im), atol=1e-6)
+
+
+def test_loading_a_checkpoint_does_not_claim_random_weights(checkpoint, caplog):
+    path, _ = checkpoint
+    with caplog.at_level("WARNING"):
+        models.load_model(models.ModelSpec("t", "bc-test-vit", checkpoint=str(path)), device="cpu")
+    assert "initialized randomly" not in caplog.text and "No pretrained weights" not in caplog.text
 
 
 def test_pretrained_without_hub_fails_clearly(monkeypatch):
@@ -81,7 +112,7 @@ def test_pretrained_without_hub_fails_clearly(monkeypatch):
         return orig(*a, **k)
     orig = open_clip.create_model
     monkeypatch.setattr(open_clip, "create_model", offline)
-    with pytest.raises(RuntimeError, match="local `checkpoint`"):
+    with pytest.raises(MissingWeightsError, match="bc-test-vit=PATH"):
         models.load_model(models.ModelSpec("t", "bc-test-vit", pretrained="some_tag"), device="cpu")
 
 

@@ -16,7 +16,8 @@ def test_wheel_layout(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("bicascade-*.whl"))).namelist()
     tops = {n.split("/")[0] for n in names if not n.startswith("bicascade-")}
     assert tops == {"bicascade"}
-    for sub in ("pipelines", "serve", "actors", "storage"):
+    for sub in ("pipelines", "pipelines/ingest", "pipelines/measure", "pipelines/lab", "serve", "actors", "storage"):
         assert f"bicascade/{sub}/__init__.py" in names
     assert "bicascade/model_configs/bc-test-vit.json" in names
     assert "bicascade/cli.py" in names and "bicascade/pipelines/demo.py" in names
+    assert "bicascade/pipelines/ingest/index.py" in names and "bicascade/serve/config.yaml" in names

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bicascade import models
-from bicascade.pipelines import evaluate, losses, prune, train
+from bicascade import models, query
+from bicascade.errors import BadInputError
+from bicascade.pipelines.lab import objectives, prune, train
+from bicascade.pipelines.measure import evaluate
 
 LADDER = "synthetic-tiny-spds"
 
@@ -17,11 +19,11 @@ LADDER = "synthetic-tiny-spds"
 def test_prefix_depths_are_checked_against_the_full_model():
     assert prune.depths(("bc-tiny-vit-d1", "bc-tiny-vit-d2")) == (1,)
     assert prune.depths(("bc-synth-vit-d2", "bc-synth-vit-d4", "bc-synth-vit-d6")) == (2, 4)
-    with pytest.raises(ValueError, match="fewer vision blocks"):
+    with pytest.raises(BadInputError, match="fewer vision blocks"):
         prune.depths(("bc-tiny-s", "bc-tiny-vit-d2"))  # another width: not a prefix
-    with pytest.raises(ValueError, match="needs a ViT"):
+    with pytest.raises(BadInputError, match="needs a ViT"):
         prune.depths(("bc-synth-s", "bc-synth-l"))
-    with pytest.raises(ValueError, match="must rise"):
+    with pytest.raises(BadInputError, match="must rise"):
         prune.depths(("bc-synth-vit-d4", "bc-synth-vit-d2", "bc-synth-vit-d6"))
 
 
@@ -47,16 +49,16 @@ def test_prefix_heads_equal_the_models_cut_from_the_full_one(tmp_path):
     assert not any(k.startswith("visual.transformer.resblocks.1.") for k in models.read_state_dict(cut))
     loaded = models.load_model(models.ModelSpec("d1", "bc-tiny-vit-d1", checkpoint=str(cut)), device="cpu")
     assert np.allclose(loaded.encode_pixels(x), F.normalize(first, dim=-1).numpy(), atol=1e-5)
-    with pytest.raises(ValueError, match="VisionTransformer"):
+    with pytest.raises(BadInputError, match="VisionTransformer"):
         prune.heads(open_clip.create_model("bc-synth-s", pretrained=None).visual, torch.randn(1, 3, 64, 64), (1,))
 
 
 def test_self_distillation_vanishes_at_the_full_model_and_trains_only_the_prefix():
     torch.manual_seed(0)
     final, txt = F.normalize(torch.randn(8, 16), dim=-1).requires_grad_(), F.normalize(torch.randn(8, 16), dim=-1)
-    assert losses.self_distillation_loss(final, final, txt, torch.tensor(20.0)).abs() < 1e-5
+    assert objectives.self_distillation_loss(final, final, txt, torch.tensor(20.0)).abs() < 1e-5
     prefix = F.normalize(torch.randn(8, 16), dim=-1).requires_grad_()
-    loss = losses.self_distillation_loss(prefix, final, txt, torch.tensor(20.0))
+    loss = objectives.self_distillation_loss(prefix, final, txt, torch.tensor(20.0))
     assert loss > 0.1
     loss.backward()
     assert prefix.grad.abs().sum() > 0 and final.grad is None  # the full model is the target, not a student
@@ -82,12 +84,13 @@ def test_a_self_pruned_ladder_is_cut_from_one_model_and_evaluates_with_one_text_
     assert models.text_encoders(ladder.levels) == [0, 0]
     prefix, full = (models.read_state_dict(models.get_model(n).checkpoint) for n in ladder.levels)
     assert all(torch.equal(v, full[k]) for k, v in prefix.items()) and len(prefix) < len(full)
-    doc = evaluate.evaluate(root, ladder, cutoffs=(50,), db=db, device="cpu")
-    assert doc["text"]["encodes_per_query"] == 1
-    assert doc["levels"][0]["gflops"] < doc["levels"][1]["gflops"]
-    assert all(lv["recall"]["10"] > 0.1 for lv in doc["levels"])  # chance is 10 / 300
+    report = evaluate.evaluate(root, query.registered(ladder.name), cutoffs=(50,), db=db, device="cpu")
+    assert report.text["encodes_per_query"] == 1
+    assert report.levels[0].gflops < report.levels[1].gflops
+    assert all(lv.recall["10"] > 0.1 for lv in report.levels)  # chance is 10 / 300
     # a lost prefix is cut again from the trained model, without training
     os.unlink(models.get_model(ladder.levels[0]).checkpoint)
     monkeypatch.setattr(train, "train_level", lambda *a, **k: pytest.fail("the full model is already trained"))
     again = train.ensure_ladder(LADDER, with_world=False)[0]
-    assert again == ladder and models.read_state_dict(models.get_model(ladder.levels[0]).checkpoint).keys() == prefix.keys()
+    assert again == ladder
+    assert models.read_state_dict(models.get_model(ladder.levels[0]).checkpoint).keys() == prefix.keys()

@@ -1,8 +1,5 @@
 """The object-storage path end to end, against a real S3-compatible server (moto) on 127.0.0.1: images read from
 s3://, indexed into a LanceDB database on s3://, served from it, and the cache written back to it."""
-import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -11,14 +8,21 @@ import time
 import pytest
 import requests
 
+from conftest import cli_json, free_port, serving
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 LADDER = "synthetic-tiny"
 BUCKET = "bicascade-test"
 QUERY = "two small orange diamonds in a row"
 
 
+@pytest.fixture(autouse=True)
+def isolated_cache(tiny_session, monkeypatch):  # the run's tiny ladder, trained once
+    monkeypatch.setenv("BICASCADE_CACHE", tiny_session[0])
+
+
 @pytest.fixture(scope="module")
-def s3_env(tmp_path_factory, free_port):
+def s3_env(tmp_path_factory):
     """A moto S3 server in its own process and the environment that points boto3, pyarrow and LanceDB at it."""
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("moto")
@@ -47,15 +51,8 @@ def s3_env(tmp_path_factory, free_port):
         server.wait(timeout=30)
 
 
-def cli(*args: str, env: dict, timeout: float = 300) -> dict:
-    r = subprocess.run([sys.executable, "-m", "bicascade.cli", *args, "--json"], capture_output=True, text=True,
-                       timeout=timeout, env={**os.environ, "RAY_ADDRESS": "", **env})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout)
-
-
-def test_index_serve_and_write_back_on_s3(s3_env, free_port, wait_healthy):
-    from bicascade.pipelines import train
+def test_index_serve_and_write_back_on_s3(s3_env):
+    from bicascade.pipelines.lab import train
 
     env, client = s3_env
     _, root = train.ensure_ladder(LADDER)
@@ -64,26 +61,16 @@ def test_index_serve_and_write_back_on_s3(s3_env, free_port, wait_healthy):
         client.upload_file(str(f), BUCKET, f"images/{f.relative_to(root / 'test')}")
     db = f"s3://{BUCKET}/db"
 
-    first = cli("index", f"s3://{BUCKET}/images", "--db", db, "--ladder", LADDER, env=env)
+    first = cli_json("index", f"s3://{BUCKET}/images", "--db", db, "--ladder", LADDER, env=env)
     assert first["rows"] == first["new_rows"] == len(files) and first["errors"] == 0
-    again = cli("index", f"s3://{BUCKET}/images", "--db", db, "--ladder", LADDER, env=env)
+    again = cli_json("index", f"s3://{BUCKET}/images", "--db", db, env=env)
     assert again["new_rows"] == 0 and again["skipped"] == len(files)  # resumable on object storage too
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", db, "--ladder", LADDER,
-                             "--port", str(port)], stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "RAY_ADDRESS": "", **env})
-    try:
-        wait_healthy(url, proc)
-        served = requests.post(f"{url}/search", json={"query": QUERY, "k": 5}, timeout=120).json()
-        image = requests.get(f"{url}/images/{served['results'][0]['id']}", timeout=30)
+    with serving(db, env=env) as server:
+        served = requests.post(f"{server.url}/search", json={"query": QUERY, "k": 5}, timeout=120).json()
+        image = requests.get(f"{server.url}/images/{served['results'][0]['id']}", timeout=30)
         assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
-        proc.send_signal(signal.SIGTERM)  # flushes the cache writers to s3://
-        assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        assert server.stop() == 0  # SIGTERM flushes the cache writers to s3://
     encoded = [lv["encoded"] for lv in served["stats"]["levels"][1:]]
     assert all(n > 0 for n in encoded)
 
@@ -93,7 +80,7 @@ def test_index_serve_and_write_back_on_s3(s3_env, free_port, wait_healthy):
     assert "images.lance" in tables and sum(t.startswith("emb_") for t in tables) == 3, tables
 
     # A new process reads the written-back embeddings from s3:// and encodes nothing; results equal the server's.
-    replay = cli("search", QUERY, "--db", db, "--ladder", LADDER, "--k", "5", env=env)
+    replay = cli_json("search", QUERY, "--db", db, "--k", "5", env=env)
     assert [r["id"] for r in replay["results"]] == [r["id"] for r in served["results"]]
     assert all(lv["encoded"] == 0 and lv["cache_hits"] == lv["candidates"] for lv in replay["stats"]["levels"][1:])
     assert all(r["uri"].startswith(f"s3://{BUCKET}/images/") for r in replay["results"])

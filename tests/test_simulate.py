@@ -1,17 +1,15 @@
 """The p-small-world simulator: the stream generator on its own, the in-process replay through the real cascade
 against independent references, and `bicascade simulate` replaying over HTTP against `bicascade serve`."""
-import json
-import os
-import signal
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from bicascade import costs
-from bicascade.pipelines import evaluate, simulate
+from bicascade import costs, query
+from bicascade.pipelines.lab import train
+from bicascade.pipelines.measure import evaluate, simulate
+
+from conftest import cli_json, serving
 
 LADDER = "synthetic-tiny"
 CFG = simulate.SimConfig(p=0.3, queries=400, cutoffs=(20, 10), topic_size=5)
@@ -62,9 +60,7 @@ def test_top_sets_match_a_full_sort():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_replay_through_the_real_cascade(tiny_db):
-    from bicascade.pipelines import train
-
-    corpus = simulate.load_corpus(tiny_db, LADDER, train.ensure_ladder(LADDER)[1])
+    corpus = simulate.load_corpus(tiny_db, query.registered(LADDER), train.ensure_ladder(LADDER)[1])
     stream = simulate.make_stream(corpus, CFG)
     top = len(corpus.names) - 1
     two = simulate.replay_local(corpus, stream, [0, top], [20], 10)
@@ -73,51 +69,39 @@ def test_replay_through_the_real_cascade(tiny_db):
     # recall of the replayed cascade equals the vectorised Algorithm 1 (evaluate.cascade_topk) on the same queries
     ref = evaluate.cascade_topk([corpus.texts[j][stream.caption] for j in (0, top)],
                                 [corpus.images[0], corpus.images[top]], [20], 10)
-    assert np.mean((two.rank < 10)) == pytest.approx(np.mean((ref == stream.truth[:, None]).any(1)), abs=0.01)
+    assert np.mean(two.rank < 10) == pytest.approx(np.mean((ref == stream.truth[:, None]).any(1)), abs=0.01)
 
     # level 1 of [0, top] encodes exactly the union of the stream's level-0 top-m_1 sets, each image once, so the
     # measured F_life is Eq. 1 at the measured coverage; the deeper cascade's top level encodes less than p
     row = simulate.summarise(corpus, stream, two, CFG.p)
     assert two.encoded[:, 1].sum() == round(stream.coverage * corpus.n)
-    assert row["f_life_measured"] == pytest.approx(costs.f_life([corpus.gflops[0], corpus.gflops[top]],
-                                                                stream.coverage), rel=1e-9)
+    assert row.f_life_measured == pytest.approx(costs.f_life([corpus.gflops[0], corpus.gflops[top]],
+                                                             stream.coverage), rel=1e-9)
     deep_row = simulate.summarise(corpus, stream, deep, CFG.p)
-    assert deep_row["coverage_per_level"][2] < deep_row["coverage_per_level"][1] <= stream.coverage + 1e-9
-    assert deep_row["f_life_measured"] > deep_row["f_life_eq1"]
+    assert deep_row.coverage_per_level[2] < deep_row.coverage_per_level[1] <= stream.coverage + 1e-9
+    assert deep_row.f_life_measured > deep_row.f_life_eq1
     # cold early, warm late
-    assert row["gflops_per_query_early"] > row["gflops_per_query_late"]
+    assert row.gflops_per_query_early > row.gflops_per_query_late
+    # every recall comes with its interval over the distinct targets, which holds the point estimate
+    for k in ("1", "5", "10"):
+        lo, hi = row.recall_ci[k]
+        assert lo <= row.recall[k] <= hi
     assert deep.hits[-50:, 1:].sum() == deep.candidates[-50:, 1:].sum()
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_simulate_command_replays_over_http_and_writes_the_report(tiny_db, free_port, wait_healthy, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", tiny_db, "--ladder", LADDER,
-                             "--m", "20,10", "--port", str(port)], stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True, env=env)
-    try:
-        wait_healthy(url, proc)
-        r = subprocess.run([sys.executable, "-m", "bicascade.cli", "simulate", "--db", tiny_db, "--ladder", LADDER,
-                            "--p", "0.3", "--queries", "200", "--m", "20,10", "--url", url, "--concurrency", "8",
-                            "--sweep", "0.2,0.5", "--report", str(tmp_path / "report"), "--json"],
-                           capture_output=True, text=True, timeout=600, env=env)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)
+def test_simulate_command_replays_over_http_and_writes_the_report(tiny_db, tmp_path):
+    with serving(tiny_db, "--m", "20,10") as server:
+        doc = cli_json("simulate", "--db", tiny_db, "--p", "0.3", "--queries", "200", "--m", "20,10", "--url",
+                       server.url, "--concurrency", "8", "--sweep", "0.2,0.5", "--report", str(tmp_path / "report"))
     for key in ("p_requested", "p_measured", "queries", "f_life_measured", "f_life_eq1", "recall",
-                "recall_top_level", "f_latency_measured", "f_latency_eq2", "report"):
+                "recall_top_level", "f_latency_measured", "f_latency_eq2", "report", "distinct_targets", "recall_ci"):
         assert key in doc
+    assert 0 < doc["distinct_targets"] <= 300
     http = doc["cascades"][0]
-    assert http["url"] == url and http["errors"] == 0 and http["queries"] == 200 and http["queries_per_s"] > 0
+    assert http["url"] == server.url and http["errors"] == 0 and http["queries"] == 200 and http["queries_per_s"] > 0
     local = doc["cascades"][1]  # the same cascade in process: the server returns the same results
     assert http["cascade"] == local["cascade"] and abs(http["recall"]["10"] - local["recall"]["10"]) <= 0.02
     # the server started cold: its caches grew by exactly the images the in-process replay encoded

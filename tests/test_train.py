@@ -11,17 +11,18 @@ import pytest
 import torch
 
 from bicascade import costs, models
-from bicascade.pipelines import losses, train
+from bicascade.pipelines.lab import objectives, train
 
 SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch
     from pathlib import Path
-    from bicascade.pipelines import train
+    from bicascade.pipelines.lab import objectives, train
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 255, (256, 32, 32, 3), dtype=np.uint8)
-    tokens = torch.from_numpy(rng.integers(1, 400, (256, 2, 32)))
-    cfg = train.TrainConfig(samples=int(sys.argv[2]), batch_size=32)
-    train.train_level("bc-tiny-s", pixels, tokens, cfg, Path(sys.argv[1]), device="cpu", save_every_s=0.0)
+    data = objectives.TrainData(rng.integers(0, 255, (256, 32, 32, 3), dtype=np.uint8), [["a b", "c d"]] * 256)
+    data._tokens["bc-tiny-s"] = torch.from_numpy(rng.integers(1, 400, (256, 2, 32)))
+    cfg = train.Schedule(samples=int(sys.argv[2]), batch_size=32)
+    train.train_level("bc-tiny-s", data, cfg, objectives.Clip(), Path(sys.argv[1]), objectives.Context(device="cpu"),
+                      save_every_s=0.0)
 """)
 
 
@@ -84,18 +85,19 @@ def test_mlce_loss_is_the_mean_row_kl_of_self_similarities():
     p = torch.softmax(txt @ txt.T / mu, 1)
     q = torch.softmax(img @ img.T / mu, 1)
     want = (p * (p.log() - q.log())).sum(1).mean()
-    got = losses.mlce_loss(img, txt, mu)
+    got = objectives.mlce_loss(img, txt, mu)
     assert torch.allclose(got, want, atol=1e-5) and got > 0
     got.backward()
     assert img.grad is not None and img.grad.abs().sum() > 0  # it trains the image tower
-    assert losses.mlce_loss(txt, txt, mu).abs() < 1e-6  # zero when the neighbourhoods agree
+    assert objectives.mlce_loss(txt, txt, mu).abs() < 1e-6  # zero when the neighbourhoods agree
 
 
 def test_mlce_changes_the_checkpoint_key_only_when_on():
     base = train.PROFILES["synthetic"]
-    off = dataclasses.replace(base, train=dataclasses.replace(base.train, mlce_mu=0.5))  # alpha 0: option off
+    off = dataclasses.replace(base, objective=objectives.Clip(mlce_mu=0.5))  # alpha 0: option off
     assert train.level_digest(off, base.archs[0]) == train.level_digest(base, base.archs[0])
-    assert train.level_digest(train.PROFILES["synthetic-mlce"], base.archs[0]) != train.level_digest(base, base.archs[0])
+    mlce = train.PROFILES["synthetic-mlce"]
+    assert train.level_digest(mlce, base.archs[0]) != train.level_digest(base, base.archs[0])
 
 
 def test_distillation_checkpoints_key_on_the_teacher_and_the_warm_start(tmp_path):

@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pyarrow.parquet as pq
 
-from bicascade.pipelines import world
+from bicascade.pipelines.lab import world
 
 CFG = replace(world.tiny(), train=60, val=10, test=40)
 
@@ -35,7 +35,7 @@ def test_corpus_layout(tmp_path):
 
 
 def test_splits_disjoint_and_test_in_groups():
-    plan = world.plan(CFG)
+    plan = world.scene_splits(CFG)
     keys = {s: {world.scene_key(x) for x in v} for s, v in plan.items()}
     assert [len(keys[s]) for s in world.SPLITS] == [60, 10, 40]
     assert not (keys["train"] & keys["test"]) and not (keys["val"] & keys["test"])
@@ -72,6 +72,7 @@ def test_render_is_varied():
 
 def test_default_plan_completes_in_whole_groups():
     cfg = world.WorldConfig()
-    plan = world.plan(cfg)  # single-object scenes run out of one-edit neighbours: bases are redrawn, never a hang
+    # single-object scenes run out of one-edit neighbours: bases are redrawn, never a hang
+    plan = world.scene_splits(cfg)
     assert [len(plan[s]) for s in ("train", "val", "test")] == [cfg.train, cfg.val, cfg.test]
     assert all(len(plan[s]) % cfg.group == 0 for s in plan)

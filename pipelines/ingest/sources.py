@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from bicascade.errors import BadInputError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 BYTES_COLUMNS = ("image", "bytes", "jpg", "png", "img", "image_bytes")
@@ -39,7 +42,7 @@ def list_source(uri: str) -> Source:
     scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"source does not exist: {uri}")
+        raise BadInputError(f"source does not exist: {uri}")
     if info.type == pafs.FileType.File:
         files = [path]
     else:
@@ -50,7 +53,7 @@ def list_source(uri: str) -> Source:
         return Source(uri, "parquet", [f for f in files if f.lower().endswith(".parquet")], scheme)
     if any(f.endswith(".tar") for f in lower):
         return Source(uri, "tar", [f for f in files if f.lower().endswith(".tar")], scheme)
-    return Source(uri, "files", [f for f, l in zip(files, lower) if l.endswith(IMAGE_EXTS)], scheme)
+    return Source(uri, "files", [f for f, low in zip(files, lower) if low.endswith(IMAGE_EXTS)], scheme)
 
 
 def count_rows(source: Source) -> int | None:
@@ -69,11 +72,13 @@ def parquet_rows(source: Source, path: str) -> Iterator[dict[str, Any]]:
     pf = pq.ParquetFile(fs.open_input_file(path))
     schema = pf.schema_arrow
     names = schema.names
-    binary = {c for c in names if pa.types.is_binary(schema.field(c).type) or pa.types.is_large_binary(schema.field(c).type)}
+    binary = {c for c in names if pa.types.is_binary(schema.field(c).type)
+              or pa.types.is_large_binary(schema.field(c).type)}
     bytes_col = next((c for c in BYTES_COLUMNS if c in binary), None)
     path_col = next((c for c in PATH_COLUMNS if c in names), None)
     if bytes_col is None and path_col is None:
-        raise ValueError(f"{path}: no image column; expected bytes in one of {BYTES_COLUMNS} or paths in {PATH_COLUMNS}")
+        raise BadInputError(f"{path}: no image column; expected bytes in one of {BYTES_COLUMNS} or paths in "
+                            f"{PATH_COLUMNS}")
     cap_col = next((c for c in CAPTION_COLUMNS if c in names), None)
     rest = [c for c in names if c not in (bytes_col, path_col, cap_col)]
     base = posixpath.dirname(path)

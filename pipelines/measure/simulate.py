@@ -12,19 +12,20 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import requests
 from tqdm import tqdm
 
 from bicascade import costs, images, models
-from bicascade.actors.encoder import encode_stored
-from bicascade.actors.router import ladder_levels
-from bicascade.cascade import Cascade, DictCache, ExactIndex, Level
-from bicascade.pipelines import evaluate, report, train, world
+from bicascade.cascade import Cascade, DictCache, ExactIndex, Level, default_cutoffs, validate
+from bicascade.errors import BadInputError
+from bicascade.pipelines.lab import world
+from bicascade.pipelines.measure import evaluate, report
+from bicascade.query import ResolvedLadder, encode_stored
 from bicascade.storage import tables
 
 log = logging.getLogger("bicascade")
@@ -36,7 +37,7 @@ class SimConfig:
     p: float = 0.1
     queries: int = 10_000
     skew: float = 1.0  # Zipf exponent of topic popularity
-    cutoffs: tuple[int, ...] = (50, 14)
+    cutoffs: tuple[int, ...] | None = None  # default: the paper's for the ladder's depth
     cascade: tuple[str, ...] | None = None  # model names, cheapest first; default the whole ladder
     k: int = 10
     seed: int = 0
@@ -139,28 +140,30 @@ def make_stream(corpus: Corpus, cfg: SimConfig) -> Stream:
     return Stream(caption, corpus.caption_image[caption], picks, best, coverage)
 
 
-def load_corpus(db_uri: str, ladder: str, world_root: str | Path, device: str | None = None) -> Corpus:
+def load_corpus(db_uri: str, ladder: ResolvedLadder, world_root: str | Path, device: str | None = None,
+                captions_per_image: int | None = None) -> Corpus:
+    """The test split as indexed, every level's image and caption embeddings (`captions_per_image` of each image's
+    held-out captions, default all), and each level's measured seconds per image."""
     paths, caps = world.load_split(world_root, "test")
-    ids = [images.content_id(Path(p).read_bytes()) for p in paths]
+    caps = [c[:captions_per_image] for c in caps] if captions_per_image else caps
     db = tables.Database(db_uri)
-    infos = ladder_levels(ladder)
-    try:
-        level0 = db.vectors(infos[0].fingerprint, ids)
-    except KeyError as e:
-        raise ValueError(f"{e.args[0]}: index the world's test split first "
-                         f"(bicascade index {Path(paths[0]).parent} --db {db_uri})") from None
+    infos = ladder.levels
+    level0 = evaluate.indexed_vectors(db_uri, infos[0].fingerprint, paths)
+    ids = [images.content_id(Path(p).read_bytes()) for p in paths]
     captions = [c for cs in caps for c in cs]
     loaded, embedded, texts, seconds = [], [], [], []
     for j, info in enumerate(infos):
-        model = models.load_model(info.name, device=device)
+        model = models.load_model(info.spec, device=device)
+        timed = paths if j else paths[:2000]  # level 0 is the index's: embedded here only to time it
         t0 = time.perf_counter()
-        embedded.append(evaluate.embed_images(model, paths))
-        seconds.append((time.perf_counter() - t0) / len(paths))
+        vectors = evaluate.embed_images(model, timed)
+        seconds.append((time.perf_counter() - t0) / len(timed))
+        embedded.append(vectors)
         texts.append(texts[info.text] if info.text < j else evaluate.embed_texts(model, captions))
         loaded.append(model)
     return Corpus(ids, captions, np.repeat(np.arange(len(paths)), [len(c) for c in caps]), [i.name for i in infos],
                   [i.gflops for i in infos], seconds, [level0] + embedded[1:], texts, [i.text for i in infos],
-                  [costs.text_gflops(i.name) for i in infos], loaded, db)
+                  [costs.text_gflops(i.spec) for i in infos], loaded, db)
 
 
 def replay_local(corpus: Corpus, stream: Stream, levels: Sequence[int], cutoffs: Sequence[int], k: int) -> Trace:
@@ -187,7 +190,7 @@ def replay_local(corpus: Corpus, stream: Stream, levels: Sequence[int], cutoffs:
     name = " -> ".join(corpus.names[j] for j in levels)
     for i, c in enumerate(tqdm(stream.caption, desc=f"replay {name}", unit="q", mininterval=2, leave=False)):
         spent[:] = 0
-        out = cascade.search(corpus.captions[c], k=k, text=[corpus.texts[j][c] for j in levels])
+        out = cascade.search(corpus.captions[c], k=k, vectors=[corpus.texts[j][c] for j in levels])
         trace.ms[i] = out.ms
         trace.candidates[i] = [s.candidates for s in out.levels]
         trace.hits[i] = [s.cache_hits for s in out.levels]
@@ -262,7 +265,50 @@ def recall(rank: np.ndarray) -> dict[str, float]:
     return {str(k): float((rank < k).mean()) for k in evaluate.KS}
 
 
-def summarise(corpus: Corpus, stream: Stream, trace: Trace, p: float) -> dict:
+def recall_ci(rank: np.ndarray, truth: np.ndarray, seed: int = 0, resamples: int = 1000) -> dict[str, list[float]]:
+    """95% intervals of each Recall@k by a cluster bootstrap over the distinct target images: queries about one image
+    are not independent samples, so the images, not the queries, are resampled."""
+    targets, inverse = np.unique(truth, return_inverse=True)
+    hits = {k: np.bincount(inverse, weights=rank < k, minlength=len(targets)) for k in evaluate.KS}
+    counts = np.bincount(inverse, minlength=len(targets))
+    pick = np.random.default_rng(seed).integers(len(targets), size=(resamples, len(targets)))
+    out = {}
+    for k in evaluate.KS:
+        boot = hits[k][pick].sum(1) / np.maximum(1, counts[pick].sum(1))
+        out[str(k)] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    return out
+
+
+@dataclass
+class CascadeRun:
+    """One replay of the stream through one cascade (or a single level over the whole corpus)."""
+
+    cascade: list[str]
+    m: list[int]
+    recall: dict[str, float]  # Recall@1/5/10 of the stream's queries
+    recall_ci: dict[str, list[float]]  # 95% cluster-bootstrap interval of each
+    f_life_eq1: float
+    gflops: float | None = None  # single levels: image GFLOPs per image
+    p_requested: float | None = None
+    p_measured: float | None = None
+    topics: int | None = None
+    queries: int | None = None
+    coverage_per_level: list[float] | None = None  # fraction of the corpus each level encoded (level 0: all)
+    f_life_measured: float | None = None  # FLOPs: uncascaded top level over index + cache misses
+    f_life_measured_seconds: float | None = None  # the same in measured encoder seconds (in process only)
+    cache_hit_rate: float | None = None
+    text_encodes_per_query: int | None = None
+    text_gflops_per_query: float | None = None
+    gflops_per_query_early: float | None = None  # image GFLOPs per query, first 10% of the stream
+    gflops_per_query_late: float | None = None  # ... last 10%
+    latency_ms: dict[str, float] | None = None
+    errors: int = 0
+    queries_per_s: float | None = None
+    url: str | None = None  # replayed over HTTP against this server
+    concurrency: int | None = None
+
+
+def summarise(corpus: Corpus, stream: Stream, trace: Trace, p: float, seed: int = 0) -> CascadeRun:
     """Measured lifetime cost (FLOPs and seconds) vs Eq. 1 at the measured coverage, recall, hit rates."""
     c = [corpus.gflops[j] for j in trace.levels]
     s = [corpus.seconds[j] for j in trace.levels]
@@ -276,66 +322,114 @@ def summarise(corpus: Corpus, stream: Stream, trace: Trace, p: float) -> dict:
     per_query = trace.encoded[:, 1:] @ np.array(c[1:])
     hit = trace.hits[:, 1:].sum() / max(1, trace.candidates[:, 1:].sum())
     towers = {corpus.towers[j] for j in trace.levels}
-    return {"cascade": [corpus.names[j] for j in trace.levels], "m": trace.cutoffs, "p_requested": p,
-            "p_measured": stream.coverage, "topics": stream.topics, "queries": q,
-            "coverage_per_level": [1.0] + [float(e / n) for e in encoded[1:]],
-            "f_life_measured": uncascaded / spent,
-            "f_life_measured_seconds": None if trace.http else n * corpus.seconds[-1] / spent_s,
-            "f_life_eq1": costs.f_life(c, stream.coverage) if len(c) > 1 else corpus.gflops[-1] / c[0],
-            "recall": recall(trace.rank), "cache_hit_rate": float(hit), "text_encodes_per_query": len(towers),
-            "text_gflops_per_query": sum(corpus.text_gflops[t] for t in towers),
-            "gflops_per_query_early": float(per_query[:tail].mean()),
-            "gflops_per_query_late": float(per_query[-tail:].mean()),
-            "latency_ms": {"p50": float(np.percentile(trace.ms, 50)), "p99": float(np.percentile(trace.ms, 99))},
-            "errors": trace.errors, "queries_per_s": q / trace.wall_s if trace.wall_s else None}
+    return CascadeRun(
+        cascade=[corpus.names[j] for j in trace.levels], m=trace.cutoffs, recall=recall(trace.rank),
+        recall_ci=recall_ci(trace.rank, stream.truth, seed),
+        f_life_eq1=costs.f_life(c, stream.coverage) if len(c) > 1 else corpus.gflops[-1] / c[0],
+        p_requested=p, p_measured=stream.coverage, topics=stream.topics, queries=q,
+        coverage_per_level=[1.0] + [float(e / n) for e in encoded[1:]], f_life_measured=uncascaded / spent,
+        f_life_measured_seconds=None if trace.http else n * corpus.seconds[-1] / spent_s, cache_hit_rate=float(hit),
+        text_encodes_per_query=len(towers), text_gflops_per_query=sum(corpus.text_gflops[t] for t in towers),
+        gflops_per_query_early=float(per_query[:tail].mean()), gflops_per_query_late=float(per_query[-tail:].mean()),
+        latency_ms={"p50": float(np.percentile(trace.ms, 50)), "p99": float(np.percentile(trace.ms, 99))},
+        errors=trace.errors, queries_per_s=q / trace.wall_s if trace.wall_s else None)
 
 
-def single_levels(corpus: Corpus, stream: Stream, k: int) -> list[dict]:
+def single_levels(corpus: Corpus, stream: Stream, k: int, seed: int = 0) -> list[CascadeRun]:
     """Each level alone over the whole corpus (the uncascaded baselines): recall on the stream and F_life vs the top."""
     out = []
     for j, name in enumerate(corpus.names):
         top = evaluate.cascade_topk([corpus.texts[j][stream.caption]], [corpus.images[j]], [], k)
         hit = top == stream.truth[:, None]
         rank = np.where(hit.any(1), hit.argmax(1), k)
-        out.append({"cascade": [name], "gflops": corpus.gflops[j], "recall": recall(rank),
-                    "f_life_eq1": corpus.gflops[-1] / corpus.gflops[j]})
+        out.append(CascadeRun(cascade=[name], m=[], recall=recall(rank), recall_ci=recall_ci(rank, stream.truth, seed),
+                              f_life_eq1=corpus.gflops[-1] / corpus.gflops[j], gflops=corpus.gflops[j]))
     return out
 
 
-def cascade_plans(names: Sequence[str], main: Sequence[int], cutoffs: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+def replays(names: Sequence[str], main: Sequence[int], cutoffs: Sequence[int]) -> list[tuple[list[int], list[int]]]:
     """The requested cascade first, then every [level, top] and the whole ladder: the rows of the paper's Table 1."""
     top = len(names) - 1
-    plans = [(list(main), list(cutoffs[:len(main) - 1]))]
+    out = [(list(main), list(cutoffs[:len(main) - 1]))]
     for levels in [[j, top] for j in range(top)] + [list(range(top + 1))]:
-        if levels != plans[0][0] and len(levels) > 1:
-            plans.append((levels, list(cutoffs[:len(levels) - 1])))
-    return plans
+        if levels != out[0][0] and len(levels) > 1:
+            out.append((levels, list(cutoffs[:len(levels) - 1])))
+    return out
 
 
-def simulate(db: str, ladder: str, cfg: SimConfig = SimConfig(), world_root: str | Path | None = None,
-             report_dir: str | Path | None = None, sweep: Sequence[float] = (), device: str | None = None) -> dict:
+@dataclass
+class SimReport:
+    """The `bicascade simulate` document. The headline figures are the requested cascade's (over HTTP when a URL
+    was given); `cascades` holds every replay, `levels` every level alone, `sweep` the cascade at other p."""
+
+    ladder: str
+    images: int
+    queries: int
+    distinct_targets: int  # images the stream asks about: the sample size behind every recall
+    topics: int
+    skew: float
+    seed: int
+    p_requested: float
+    p_measured: float
+    f_life_measured: float
+    f_life_eq1: float
+    recall: dict[str, float]
+    recall_ci: dict[str, list[float]]
+    recall_top_level: dict[str, float]
+    f_latency_measured: float | None
+    f_latency_eq2: float | None
+    cascades: list[CascadeRun]
+    levels: list[CascadeRun]
+    sweep: list[CascadeRun]
+    report: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        return report.summary(self.to_json()) + (f"\nreport: {self.report}" if self.report else "")
+
+
+def simulate(db: str, ladder: ResolvedLadder, world_root: str | Path, cfg: SimConfig = SimConfig(),
+             report_dir: str | Path | None = None, sweep: Sequence[float] = (), device: str | None = None) -> SimReport:
+    """`bicascade simulate`: the world's test split as indexed in `db`, replayed as a p-small-world stream."""
+    check(ladder, cfg)
+    return run_stream(load_corpus(db, ladder, world_root, device), ladder, cfg, report_dir, sweep)
+
+
+def check(ladder: ResolvedLadder, cfg: SimConfig) -> SimConfig:
     if not 0 < cfg.p <= 1 or cfg.queries < 1 or cfg.concurrency < 1:
-        raise ValueError(f"need 0 < p <= 1, queries >= 1 and concurrency >= 1 (got {cfg.p}, {cfg.queries}, "
-                         f"{cfg.concurrency})")
-    ladder_obj = models.get_ladder(ladder)
-    if world_root is None:
-        world_root = train.ensure_ladder(ladder)[1]
-    names = list(ladder_obj.levels)
+        raise BadInputError(f"need 0 < p <= 1, queries >= 1 and concurrency >= 1 (got {cfg.p}, {cfg.queries}, "
+                            f"{cfg.concurrency})")
+    names = ladder.names
+    if cfg.cutoffs is None:
+        cfg = replace(cfg, cutoffs=default_cutoffs(len(names)))
+    unknown = [n for n in cfg.cascade or () if n not in names]
+    if unknown:
+        raise BadInputError(f"{', '.join(unknown)}: not a level of ladder {ladder.name} ({', '.join(names)})")
     main = [names.index(n) for n in cfg.cascade] if cfg.cascade else list(range(len(names)))
     if any(a >= b for a, b in zip(main, main[1:])) or len(main) < 2:
-        raise ValueError(f"a cascade is 2+ levels of ladder {ladder} ({', '.join(names)}), cheapest first")
-    if len(cfg.cutoffs) < len(main) - 1:
-        raise ValueError(f"a {len(main)}-level cascade needs {len(main) - 1} cutoffs, got {list(cfg.cutoffs)}")
-    corpus = load_corpus(db, ladder, world_root, device)
+        raise BadInputError(f"a cascade is 2+ levels of ladder {ladder.name} ({', '.join(names)}), cheapest first")
+    validate(len(main), list(cfg.cutoffs[:len(main) - 1]), cfg.k)
+    return cfg
+
+
+def run_stream(corpus: Corpus, ladder: ResolvedLadder, cfg: SimConfig, report_dir: str | Path | None = None,
+               sweep: Sequence[float] = ()) -> SimReport:
+    """The stream over a loaded corpus, through every cascade of Table 1 (and the server, with a URL)."""
+    cfg = check(ladder, cfg)
+    names = ladder.names
+    main = [names.index(n) for n in cfg.cascade] if cfg.cascade else list(range(len(names)))
     stream = make_stream(corpus, cfg)
-    log.info("stream: %d queries over %d topics; level-0 top-%d sets cover %.3f of %d images (asked %.3f)",
-             cfg.queries, stream.topics, cfg.cutoffs[0], stream.coverage, corpus.n, cfg.p)
-    traces = [replay_local(corpus, stream, levels, m, cfg.k) for levels, m in cascade_plans(names, main, cfg.cutoffs)]
-    rows = [summarise(corpus, stream, t, cfg.p) for t in traces]
+    log.info("stream: %d queries over %d topics (%d distinct images); level-0 top-%d sets cover %.3f of %d images "
+             "(asked %.3f)", cfg.queries, stream.topics, len(np.unique(stream.truth)), cfg.cutoffs[0], stream.coverage,
+             corpus.n, cfg.p)
+    traces = [replay_local(corpus, stream, levels, m, cfg.k) for levels, m in replays(names, main, cfg.cutoffs)]
+    rows = [summarise(corpus, stream, t, cfg.p, cfg.seed) for t in traces]
     head = rows[0]
     if cfg.url:
         traces.insert(0, replay_http(corpus, stream, cfg.url, cfg.k, cfg.concurrency))
-        head = summarise(corpus, stream, traces[0], cfg.p) | {"url": cfg.url, "concurrency": cfg.concurrency}
+        head = replace(summarise(corpus, stream, traces[0], cfg.p, cfg.seed), url=cfg.url, concurrency=cfg.concurrency)
         rows.insert(0, head)
     deep = next((t for t in traces[1 if cfg.url else 0:] if len(t.levels) >= 3), None)
     shallow = next((t for t in traces if deep and t.levels == [deep.levels[0], deep.levels[-1]]), None)
@@ -345,15 +439,16 @@ def simulate(db: str, ladder: str, cfg: SimConfig = SimConfig(), world_root: str
         f_lat_eq2 = costs.f_latency([corpus.gflops[j] for j in deep.levels], deep.cutoffs)
     sweep_rows = []
     for p in sweep:
-        s = make_stream(corpus, replace(cfg, p=p))
-        sweep_rows.append(summarise(corpus, s, replay_local(corpus, s, main, cfg.cutoffs[:len(main) - 1], cfg.k), p))
-    levels = single_levels(corpus, stream, cfg.k)
-    doc = {"p_requested": cfg.p, "p_measured": stream.coverage, "queries": cfg.queries,
-           "f_life_measured": head["f_life_measured"], "f_life_eq1": head["f_life_eq1"],
-           "recall": head["recall"], "recall_top_level": levels[-1]["recall"],
-           "f_latency_measured": f_lat, "f_latency_eq2": f_lat_eq2, "report": None,
-           "ladder": ladder, "images": corpus.n, "topics": stream.topics, "skew": cfg.skew, "seed": cfg.seed,
-           "cascades": rows, "levels": levels, "sweep": sweep_rows}
+        st = make_stream(corpus, replace(cfg, p=p))
+        sweep_rows.append(summarise(corpus, st, replay_local(corpus, st, main, cfg.cutoffs[:len(main) - 1], cfg.k), p,
+                                    cfg.seed))
+    levels = single_levels(corpus, stream, cfg.k, cfg.seed)
+    out = SimReport(ladder=ladder.name, images=corpus.n, queries=cfg.queries,
+                    distinct_targets=int(len(np.unique(stream.truth))), topics=stream.topics, skew=cfg.skew,
+                    seed=cfg.seed, p_requested=cfg.p, p_measured=stream.coverage,
+                    f_life_measured=head.f_life_measured, f_life_eq1=head.f_life_eq1, recall=head.recall,
+                    recall_ci=head.recall_ci, recall_top_level=levels[-1].recall, f_latency_measured=f_lat,
+                    f_latency_eq2=f_lat_eq2, cascades=rows, levels=levels, sweep=sweep_rows)
     if report_dir:
-        doc["report"] = str(report.write(Path(report_dir), doc, corpus, traces))
-    return doc
+        out.report = str(report.write(Path(report_dir), out.to_json(), corpus, traces))
+    return out

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 if TYPE_CHECKING:
-    from bicascade.pipelines.simulate import Corpus, Trace
+    from bicascade.pipelines.measure.simulate import Corpus, Trace
+
+matplotlib.use("Agg")  # files only: no display on servers
 
 
 def label(corpus: Corpus, trace: Trace) -> str:
@@ -40,7 +40,8 @@ def plot_cost(path: Path, corpus: Corpus, traces: list[Trace]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in traces:
         c = np.array([corpus.gflops[j] for j in t.levels])
-        ax.plot(np.arange(1, len(t.ms) + 1), corpus.n * c[0] + np.cumsum(t.encoded[:, 1:] @ c[1:]), label=label(corpus, t))
+        spent = corpus.n * c[0] + np.cumsum(t.encoded[:, 1:] @ c[1:])
+        ax.plot(np.arange(1, len(t.ms) + 1), spent, label=label(corpus, t))
     ax.axhline(corpus.n * corpus.gflops[-1], color="k", ls="--", label=f"uncascaded {corpus.names[-1]}")
     ax.set(xlabel="queries", ylabel="image-encoder GFLOPs so far (index + cache misses)", xscale="log",
            yscale="log", title="Lifetime image-encoding cost over the stream")
@@ -80,7 +81,7 @@ def plot_frontier(path: Path, doc: dict) -> None:
             ax.annotate(lv["cascade"][0], (lv["f_life_eq1"], lv["recall"][k]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
         for row, colour in zip(doc["cascades"], colours):
-            name = " -> ".join(row["cascade"]) + (" (HTTP)" if "url" in row else "")
+            name = " -> ".join(row["cascade"]) + (" (HTTP)" if row.get("url") else "")
             ax.scatter(row["f_life_measured"], row["recall"][k], color=colour, label=f"{name} measured")
             ax.scatter(row["f_life_eq1"], row["recall"][k], facecolors="none", edgecolors=colour, s=60,
                        label=f"{name} Eq. 1")
@@ -111,7 +112,7 @@ def table(doc: dict) -> str:
                      f"| {lv['f_life_eq1']:.2f} | |")
     for row in doc["cascades"]:
         r = row["recall"]
-        name = " -> ".join(row["cascade"]) + (f" (HTTP, {row['errors']} errors)" if "url" in row else "")
+        name = " -> ".join(row["cascade"]) + (f" (HTTP, {row['errors']} errors)" if row.get("url") else "")
         cover = ", ".join(f"{c:.3f}" for c in row["coverage_per_level"][1:])
         lines.append(f"| {name} | {','.join(map(str, row['m']))} | | {r['1']:.3f} | {r['5']:.3f} | {r['10']:.3f} | "
                      f"{row['f_life_measured']:.2f} | {row['f_life_eq1']:.2f} | {cover} |")
@@ -120,6 +121,7 @@ def table(doc: dict) -> str:
 
 def summary(doc: dict) -> str:
     head = doc["cascades"][0]
+    r10, (lo, hi), top10 = head["recall"]["10"], head["recall_ci"]["10"], doc["recall_top_level"]["10"]
     parts = [f"# p-small-world simulation: ladder {doc['ladder']}",
              f"{doc['queries']} queries over {doc['images']} images, {doc['topics']} topics in play (Zipf skew "
              f"{doc['skew']}, seed {doc['seed']}); p asked {doc['p_requested']}, measured {doc['p_measured']:.4f} "
@@ -133,17 +135,19 @@ def summary(doc: dict) -> str:
                 f" In measured seconds {head['f_life_measured_seconds']:.2f}: a miss batch is fetched from the "
                 "database, decoded and encoded, while the uncascaded baseline embeds the whole corpus in large "
                 "batches from files; for small models that per-call work, not FLOPs, dominates."),
-             f"- R@10 {head['recall']['10']:.4f} vs the top level alone {doc['recall_top_level']['10']:.4f} "
-             f"({100 * (head['recall']['10'] - doc['recall_top_level']['10']):+.2f} points).",
+             f"- R@10 {r10:.4f} (95% CI {lo:.4f}-{hi:.4f} over {doc['distinct_targets']} distinct target images) vs "
+             f"the top level alone {top10:.4f} ({100 * (r10 - top10):+.2f} points).",
              f"- Image GFLOPs per query, first vs last 10% of the stream: {head['gflops_per_query_early']:.4f} vs "
              f"{head['gflops_per_query_late']:.4f}; cache hit rate overall {head['cache_hit_rate']:.3f}.",
              f"- Latency p50 {head['latency_ms']['p50']:.1f} ms, p99 {head['latency_ms']['p99']:.1f} ms"
-             + (f", {head['queries_per_s']:.1f} queries/s, {head['errors']} errors." if head.get("queries_per_s") else ".")]
+             + (f", {head['queries_per_s']:.1f} queries/s, {head['errors']} errors." if head.get("queries_per_s")
+                else ".")]
     if doc["f_latency_measured"] is not None:
         parts.append(f"- Early (cold) queries: the 2-level cascade's latency over the 3-level one's "
                      f"{doc['f_latency_measured']:.2f} vs Eq. 2 {doc['f_latency_eq2']:.2f}.")
     if doc["sweep"]:
-        parts.append("## Sweep over p\n\n| p asked | p measured | F_life measured | F_life Eq. 1 | R@10 |\n|---|---|---|---|---|\n"
+        parts.append("## Sweep over p\n\n| p asked | p measured | F_life measured | F_life Eq. 1 | R@10 |\n"
+                     "|---|---|---|---|---|\n"
                      + "\n".join(f"| {r['p_requested']} | {r['p_measured']:.4f} | {r['f_life_measured']:.2f} | "
                                  f"{r['f_life_eq1']:.2f} | {r['recall']['10']:.4f} |" for r in doc["sweep"]))
     parts.append("Plots: cost.png, hit_rate.png, latency.png, frontier.png" + (", sweep.png" if doc["sweep"] else ""))

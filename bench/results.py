@@ -1,0 +1,219 @@
+"""Render docs/RESULTS.md (and its plots under docs/) from the JSON documents under bench/results/: every figure in
+it was printed by a command or benchmark of this repository, none is typed by hand. A section appears only when
+its JSON exists. Run by `make results`.
+
+    python bench/results.py [--results bench/results] [--out docs]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+Section = Callable[[Path, Path], str | None]
+
+
+def load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fmt(x, digits: int = 3) -> str:
+    return "" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def eval_tables(results: Path, out: Path) -> str | None:
+    parts = []
+    for path in sorted(results.glob("eval_*.json")):
+        doc = json.loads(path.read_text())
+        rows = ["| level / cascade | m | image GFLOPs | R@1 | R@5 | R@10 | F_life (Eq. 1) |",
+                "|---|---|---|---|---|---|---|"]
+        for lv in doc["levels"]:
+            r = lv["recall"]
+            rows.append(f"| {lv['model']} | | {lv['gflops']:.4f} | {r['1']:.3f} | {r['5']:.3f} | {r['10']:.3f} | |")
+        for c in doc["cascades"]:
+            r = c["recall"]
+            rows.append(f"| {' -> '.join(c['cascade'])} | {','.join(map(str, c['m']))} | | {r['1']:.3f} | "
+                        f"{r['5']:.3f} | {r['10']:.3f} | {c['f_life']:.2f} |")
+        t = doc["text"]
+        parts.append(f"`{path.name}`: {doc['queries']} queries over {doc['images']} test images, p = {doc['p']}"
+                     + (f", level 0 read from `{doc['db']}`" if doc.get("db") else "") + "; text side: "
+                     f"{t['encodes_per_query']} embedding(s) per query, {t['gflops_per_query']:.4f} GFLOPs.\n\n"
+                     + "\n".join(rows))
+    return "## Recall per level and cascade (`bicascade eval`)\n\n" + "\n\n".join(parts) if parts else None
+
+
+def simulate_tables(results: Path, out: Path) -> str | None:
+    parts = []
+    for path in sorted(results.glob("simulate_*.json")):
+        doc = json.loads(path.read_text())
+        rows = ["| cascade | m | R@1 | R@10 (95% CI) | F_life measured | F_life Eq. 1 | level coverage | p50 ms |",
+                "|---|---|---|---|---|---|---|---|"]
+        for row in doc["levels"] + doc["cascades"]:
+            r, ci = row["recall"], row["recall_ci"]["10"]
+            name = " -> ".join(row["cascade"]) + (" (HTTP)" if row.get("url") else "")
+            cover = ", ".join(f"{c:.3f}" for c in (row.get("coverage_per_level") or [])[1:])
+            lat = (row.get("latency_ms") or {}).get("p50")
+            rows.append(f"| {name} | {','.join(map(str, row['m']))} | {r['1']:.3f} | {r['10']:.3f} "
+                        f"({ci[0]:.3f}-{ci[1]:.3f}) | {fmt(row.get('f_life_measured'), 2)} | {row['f_life_eq1']:.2f} | "
+                        f"{cover} | {fmt(lat, 1)} |")
+        parts.append(f"`{path.name}`: ladder {doc['ladder']}, {doc['queries']} queries over {doc['images']} images, "
+                     f"{doc['distinct_targets']} distinct target images, p asked {doc['p_requested']}, measured "
+                     f"{doc['p_measured']:.4f}.\n\n" + "\n".join(rows))
+    return "## Query streams (`bicascade simulate`)\n\n" + "\n\n".join(parts) if parts else None
+
+
+def curves(results: Path, out: Path) -> str | None:
+    doc = load(results / "curves.json")
+    if doc is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = ["| arch | image GFLOPs | samples | lr | batch | val R@1 at 1/4 | at 1/2 | at the end |",
+            "|---|---|---|---|---|---|---|---|"]
+    for run in doc["runs"]:
+        xs = [p["samples"] for p in run["points"]]
+        ys = [p["val_recall"]["1"] for p in run["points"]]
+        ax.plot(xs, ys, marker=".", label=f"{run['arch']} ({run['gflops']:.4f} GFLOPs)")
+        at = [ys[min(range(len(xs)), key=lambda i, f=f: abs(xs[i] - f * run["samples"]))] for f in (0.25, 0.5)]
+        rows.append(f"| {run['arch']} | {run['gflops']:.4f} | {run['samples']} | {run['lr']} | {run['batch_size']} | "
+                    f"{at[0]:.3f} | {at[1]:.3f} | {ys[-1]:.3f} |")
+    colours = {run["arch"]: line.get_color() for run, line in zip(doc["runs"], ax.get_lines())}
+    for end in doc.get("shipped", []):  # the shipped schedule: its own cosine run, ended
+        ax.scatter([end["samples"]], [end["val_recall"]["1"]], s=70, marker="*", color=colours.get(end["arch"]),
+                   zorder=3, label=f"{end['arch']} shipped ({end['samples']} samples)")
+        rows.append(f"| {end['arch']} (shipped) | | {end['samples']} | {end['lr']} | {end['batch_size']} | | | "
+                    f"{end['val_recall']['1']:.3f} |")
+    ax.set(xlabel="training samples seen", ylabel="validation R@1", title=f"Learning curves, ladder {doc['ladder']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+    return ("## Learning curves (`bench/curves.py`)\n\nOne cosine schedule per level over the whole budget, evaluated "
+            "on the validation split as it goes.\n\n![learning curves](curves.png)\n\n" + "\n".join(rows))
+
+
+def generic(name: str, title: str, about: str) -> Section:
+    def section(results: Path, out: Path) -> str | None:
+        doc = load(results / name)
+        if doc is None:
+            return None
+        return f"## {title}\n\n{about}\n\n```json\n{json.dumps(doc, indent=2)}\n```"
+    return section
+
+
+def query_section(results: Path, out: Path) -> str | None:
+    doc = load(results / "query_cpu.json")
+    if doc is None:
+        return None
+    rows = ["| clients | depth | searches/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+    rows += ["| " + " | ".join(str(r[k]) for k in ("clients", "depth", "searches_per_s", "p50_ms", "p99_ms", "errors"))
+             + " |" for r in doc["http"]]
+    local = doc["in_process"]
+    hops = doc["breakdown_ms_one_client"]
+    cold = doc["cold_in_process"]
+    return ("## Serving (`bench/query.py`)\n\n"
+            f"Database `{doc['db']}` (ladder {doc['ladder']}), {doc['queries']} distinct queries repeated, warm "
+            "caches, through `bicascade serve` over HTTP on 127.0.0.1, in one run:\n\n" + "\n".join(rows) + "\n\n"
+            f"The same queries in process (`query.LocalSearch`, one thread, every text embedding computed): "
+            f"{local['searches_per_s']} searches/s, p50 {local['p50_ms']} ms. HTTP at 8 clients over in process: "
+            f"{doc['ratios']['http_8_clients_over_in_process']}; depth 3 over depth 1, p50 with one client: "
+            f"{doc['ratios']['depth3_over_depth1_p50_one_client']}.\n\n"
+            "Where a warm search's time goes (one client, medians, ms): " +
+            ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in hops.items()) + ".\n\n"
+            f"Cold queries (new texts) over HTTP: p50 {doc['cold_http_new_texts']['p50_ms']} ms. Cold-query image "
+            f"encoding in process, [s, l] over [s, m, l]: {cold['f_latency_measured_flops']:.2f} in FLOPs, "
+            f"{cold['f_latency_measured_seconds']:.2f} in seconds; Eq. 2: {cold['f_latency_eq2']:.2f}.")
+
+
+def build_section(results: Path, out: Path) -> str | None:
+    doc = load(results / "build_cpu.json")
+    if doc is None or "runs" not in doc:
+        return None
+    rows = ["| images | bare loop img/s | index job img/s | ratio | after start-up img/s | ratio | start-up s |",
+            "|---|---|---|---|---|---|---|"]
+    rows += [f"| {r['images']} | {r['bare_images_per_s']} | {r['job_images_per_s']} | {r['ratio']} | "
+             f"{r['job_steady_images_per_s']} | {r['steady_ratio']} | {r['job_startup_s']} |" for r in doc["runs"]]
+    return (f"## Index throughput (`bench/build.py`)\n\nLevel 0 `{doc['model']}`, batch {doc['batch_size']}, "
+            f"{doc['threads']} threads; the Ray Data job against one process decoding and encoding the same files.\n\n"
+            + "\n".join(rows))
+
+
+def million_section(results: Path, out: Path) -> str | None:
+    doc = load(results / "million_cpu.json")
+    if doc is None:
+        return None
+    ann = ["| nprobes | refine | recall@50 (text queries) | p50 ms |", "|---|---|---|---|"]
+    ann += [f"| {a['nprobes']} | {a['refine_factor']} | {a['recall_at_50']} | {a['p50_ms']} |" for a in doc["ann"]]
+    return (f"## A million images (`bench/million.py`)\n\n![throughput and memory](million.png)\n\n"
+            f"{doc['images']} images generated in {doc['generated_s']} s; indexed in {doc['index_first_run_s']} s "
+            f"until a SIGKILL at {doc['killed_at_ledgered']} ledgered images, then resumed in "
+            f"{doc['index_resume_s']} s; "
+            f"{doc['rows']} level-0 rows and {doc['image_rows']} images (exactly once: {doc['exactly_once']}); "
+            f"{doc['bytes_on_disk_per_image']} bytes on disk per image; peak RSS: driver {doc['peak_driver_mib']} MiB, "
+            f"Ray workers {doc['peak_workers_mib']} MiB.\n\n" + "\n".join(ann))
+
+
+def plan_section(results: Path, out: Path) -> str | None:
+    doc = load(results / "plan_synthetic.json")
+    if doc is None:
+        return None
+    rows = ["| cascade | m | adaptive margin | R@1 | R@10 | F_life measured | F_life Eq. 1 |",
+            "|---|---|---|---|---|---|---|"]
+    for c in doc["frontier"]:
+        rows.append(f"| {' -> '.join(c['cascade'])} | {','.join(map(str, c['cutoffs']))} | "
+                    f"{fmt(c['adaptive_margin'], 2)} | {c['recall']['1']:.3f} | {c['recall']['10']:.3f} | "
+                    f"{c['f_life_measured']:.2f} | {c['f_life_eq1']:.2f} |")
+    chosen = doc["chosen"]
+    picture = "\n\n![frontier](plan_frontier.png)" if (out / "plan_frontier.png").exists() else ""
+    return (f"## The quality-cost frontier (`bicascade plan`)\n\n{doc['candidates']} cascades of {doc['ladder']}, "
+            f"recall on {doc['queries']} held-out captions, cost on a {doc['stream_queries']}-query stream at p = "
+            f"{doc['p_measured']:.3f}; the top level alone: R@10 {doc['reference']['recall']['10']:.4f}. Chosen within "
+            f"{doc['recall_loss_points']} points: {' -> '.join(chosen['cascade'])}, m = {chosen['cutoffs']}"
+            + (f", adaptive margin {chosen['adaptive_margin']}" if chosen['adaptive_margin'] else "")
+            + f", R@10 {chosen['recall']['10']:.4f}, F_life {chosen['f_life_measured']:.2f} measured.{picture}\n\n"
+            + "\n".join(rows))
+
+
+def rss_section(results: Path, out: Path) -> str | None:
+    doc = load(results / "rss_cpu.json")
+    if doc is None:
+        return None
+    marks = doc["marks"]
+    names = sorted(next(iter(marks.values()))["rss_mib"])
+    rows = ["| queries | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    rows += [f"| {n} | " + " | ".join(str(m["rss_mib"].get(k, "")) for k in names) + " |" for n, m in marks.items()]
+    return (f"## Serving memory (`bench/rss.py`)\n\nRSS in MiB of the serving replicas over a {doc['queries']}-query "
+            f"stream with {doc['clients']} clients:\n\n" + "\n".join(rows))
+
+
+SECTIONS: list[Section] = [
+    curves, eval_tables, simulate_tables, plan_section, query_section, build_section, rss_section, million_section,
+    generic("ann_1m_cpu.json", "Level-0 ANN at 1M vectors (`bench/ann.py`)", "Recall@50 against exact search and p50 "
+            "latency of the IVF indexes, on clustered unit vectors (not text queries: see the million-image run)."),
+    generic("costs_measure_cpu.json", "Encoder cost, counted and measured (`bicascade costs --measure`)",
+            "GFLOPs on the real architectures and seconds per image measured here with random weights."),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default="bench/results")
+    ap.add_argument("--out", default="docs")
+    args = ap.parse_args()
+    results, out = Path(args.results), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = ["# Results\n\nRendered by `make results` from the JSON under `bench/results/` (each file is the output "
+             "of the command named in its section, on the 2-core CPU machine this project is developed on unless "
+             "the file says otherwise). Do not edit by hand."]
+    parts += [s for s in (section(results, out) for section in SECTIONS) if s]
+    (out / "RESULTS.md").write_text("\n\n".join(parts) + "\n")
+    print(f"wrote {out / 'RESULTS.md'} ({len(parts) - 1} sections)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Start a local Ray cluster that listens on loopback only, or join the one named by RAY_ADDRESS.
+
+Ray 2.60 on Linux rewrites a node IP of 127.0.0.1 to the machine's interface address (ray-project/ray#26293, #59110)
+unless its cluster mode is off, and Serve binds each replica's gRPC server to [::] whatever the node IP; a local
+cluster turns the first off and rebinds the second (`loopback_grpc`, run in every worker), so that no socket of it
+listens beyond 127.0.0.1. Joining an existing cluster changes nothing.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+SETUP_HOOK = "bicascade.cluster.loopback_grpc"
+
+
+def connect(runtime_env: dict | None = None, dashboard: bool = False, **kwargs: Any) -> None:
+    """ray.init for every bicascade job: a local cluster sized to this machine, bound to 127.0.0.1, no dashboard
+    unless asked; with RAY_ADDRESS set, the existing cluster as it is."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # ray.init forks and execs its processes at once: nothing of lancedb's runtime is used in the child
+    warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
+    warnings.filterwarnings("ignore", message="lance is not fork-safe")
+    env = dict(runtime_env or {})
+    opts: dict[str, Any] = {"include_dashboard": dashboard, "log_to_driver": False, "namespace": "bicascade"}
+    if not os.environ.get("RAY_ADDRESS"):
+        local_only()
+        env.setdefault("worker_process_setup_hook", SETUP_HOOK)
+        opts |= {"num_cpus": os.cpu_count(), "_node_ip_address": LOOPBACK}
+        if dashboard:
+            opts["dashboard_host"] = LOOPBACK
+    ray.init(runtime_env=env, **(opts | kwargs))
+
+
+def local_only() -> None:
+    """Keep a node IP of 127.0.0.1 as given (Ray resolves it to the interface address in cluster mode)."""
+    import ray._private.ray_constants as constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for processes started from here (CLI tools, drivers)
+    constants.ENABLE_RAY_CLUSTER = False
+
+
+def loopback_grpc() -> None:
+    """worker_process_setup_hook: bind Serve's replica gRPC servers to the node IP instead of [::] (clients dial
+    node_ip:port already, so nothing else changes; on a real cluster the node IP is the node's own address)."""
+    import ray
+    import ray.serve._private.default_impl as default_impl
+    import ray.serve._private.replica as replica
+
+    def node_address(address: str) -> str:
+        if address.startswith("[::]:"):
+            host = ray.util.get_node_ip_address()
+            return f"{f'[{host}]' if ':' in host else host}:{address[len('[::]:'):]}"
+        return address
+
+    if getattr(replica, "_bicascade_loopback", False):
+        return
+    add_port, add_address = replica.add_port_to_grpc_server, default_impl.add_grpc_address
+    replica.add_port_to_grpc_server = lambda server, address: add_port(server, node_address(address))
+    default_impl.add_grpc_address = lambda server, address: add_address(server, node_address(address))
+    replica._bicascade_loopback = True

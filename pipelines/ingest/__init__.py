@@ -1,0 +1,1 @@
+"""Ingestion: corpus sources and the resumable index job (Ray Data -> LanceDB)."""

@@ -1,0 +1,269 @@
+"""`bicascade index`: a resumable Ray Data job that embeds a corpus with the ladder's cheapest level into LanceDB.
+
+read (driver lists the source) -> decode + crop (CPU tasks, per-image try/except) -> encode (actor pool, a GPU per
+actor when present) -> the driver, the single writer, commits bounded batches to LanceDB.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from bicascade import cluster, images, models, query
+from bicascade.errors import BadInputError, NotIndexedError
+from bicascade.pipelines.ingest import sources
+from bicascade.storage import tables
+
+log = logging.getLogger("bicascade")
+
+
+SHIP_MAX = 100_000
+
+
+@dataclass
+class IndexConfig:
+    batch_size: int = 64  # images per encoder call
+    flush_rows: int = 4096  # rows per LanceDB commit (or 64 MiB of image bytes, whichever comes first)
+    ann_min_rows: int = 100_000  # below this, exact search beats an ANN index
+
+
+@dataclass
+class IndexReport:
+    """What one `bicascade index` run did (its --json document)."""
+
+    rows: int
+    new_rows: int
+    errors: int
+    skipped: int
+    seconds: float
+    images_per_s: float
+    startup_s: float | None  # to the first encoded batch: worker start-up, imports, model loads
+    table_version: int
+    table: str
+    model: str
+    ladder: str
+    ann: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        return (f"{self.rows} rows in {self.table} ({self.new_rows} new, {self.errors} errors, {self.skipped} skipped) "
+                f"in {self.seconds} s, {self.images_per_s} images/s")
+
+
+def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[str], done: set[str]) -> dict:
+    """Read, hash, decode and crop each image on its own: a bad file never takes its block down."""
+    prep = images.Preprocessor(preprocess_cfg)
+    out: dict[str, list] = {k: [] for k in ("uri", "id", "status", "stage", "error", "bytes", "width", "height",
+                                            "caption", "meta", "pixels")}
+    for i in range(len(batch["uri"])):
+        uri = str(batch["uri"][i])
+        row = {"uri": uri, "id": "", "status": "new", "stage": "", "error": "", "bytes": b"", "width": 0,
+               "height": 0, "caption": _opt(batch, "caption", i), "meta": _opt(batch, "meta", i),
+               "pixels": prep.blank()}
+        stage = "read"
+        try:
+            if uri in done:
+                row["status"] = "done"
+            else:
+                data = _opt(batch, "bytes", i)
+                if data is None:
+                    fs, path = sources.filesystem(uri)
+                    with fs.open_input_file(path) as f:
+                        data = f.read()
+                row["id"] = images.content_id(data)
+                if row["id"] in known:
+                    row["status"] = "known"
+                else:
+                    stage = "decode"
+                    decoded = images.load(data)
+                    stage = "preprocess"
+                    row.update(bytes=images.stored_bytes(data, decoded), width=decoded.width, height=decoded.height,
+                               pixels=prep.crop(decoded.rgb))
+        except Exception as e:  # every failure is recorded per image, with its stage
+            row.update(status="error", stage=stage, error=f"{type(e).__name__}: {e}"[:500])
+        for k, v in row.items():
+            out[k].append(v)
+    result = {k: np.array(v, dtype=object) for k, v in out.items() if k != "pixels"}
+    result["pixels"] = np.stack(out["pixels"])
+    return result
+
+
+def _opt(batch: dict, key: str, i: int) -> Any:
+    if key not in batch:
+        return None
+    value = batch[key][i]
+    return None if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)) else value
+
+
+class Encoder:
+    """Ray Data callable class: loads level 0 once per actor, encodes the new images of each batch."""
+
+    def __init__(self, spec: models.ModelSpec, threads: int | None) -> None:
+        models.set_threads(threads)
+        self.model = models.load_model(spec)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")
+        new = np.flatnonzero(batch["status"] == "new")
+        vectors = np.zeros((len(pixels), self.model.dim), np.float32)
+        if len(new):
+            vectors[new] = self.model.encode_crops(pixels[new])
+        batch["vector"] = vectors
+        return batch
+
+
+class Writer:
+    """The job's single writer: bounded batched appends (plain appends, so a commit costs the same at any table
+    size), a row never written twice (ids already stored are known up front), the ledger written last: after a
+    crash, an image whose vector was not committed is embedded again and its `images` row is not repeated."""
+
+    def __init__(self, db: tables.Database, fingerprint: str, dim: int, embedded: set[str], stored: set[str],
+                 run: str, flush_rows: int, flush_bytes: int = 64 << 20):
+        self.db, self.emb, self.schema = db, tables.emb_table(fingerprint), tables.emb_schema(dim)
+        self.embedded, self.stored, self.run = embedded, stored, run
+        self.flush_rows, self.flush_bytes = flush_rows, flush_bytes
+        self.images: list[dict] = []
+        self.ids: list[str] = []
+        self.vectors: list[np.ndarray] = []
+        self.ledger: list[dict] = []
+        self.errors: list[dict] = []
+        self.bytes = 0
+        self.new_rows = self.skipped = self.error_count = 0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for i, status in enumerate(batch["status"]):
+            uri, id_ = str(batch["uri"][i]), str(batch["id"][i])
+            if status == "done":
+                self.skipped += 1
+            elif status == "error":
+                self.errors.append({"uri": uri, "stage": str(batch["stage"][i]), "error": str(batch["error"][i]),
+                                    "run": self.run})
+                self.error_count += 1
+            else:
+                if status == "new" and id_ not in self.embedded:
+                    self.embedded.add(id_)
+                    self.ids.append(id_)
+                    self.vectors.append(batch["vector"][i])
+                    if id_ not in self.stored:
+                        self.stored.add(id_)
+                        data = bytes(batch["bytes"][i])
+                        self.bytes += len(data)
+                        self.images.append({"id": id_, "uri": uri, "bytes": data, "width": int(batch["width"][i]),
+                                            "height": int(batch["height"][i]), "caption": _opt(batch, "caption", i),
+                                            "meta": _opt(batch, "meta", i)})
+                    self.new_rows += 1
+                else:  # the same bytes again: one row, this uri only joins the ledger
+                    self.skipped += 1
+                self.ledger.append({"uri": uri, "id": id_})
+        if len(self.ledger) + len(self.errors) >= self.flush_rows or self.bytes >= self.flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """images, then vectors, then the ledger: each commit only ever adds what the one before made safe."""
+        if self.images:
+            self.db.table(tables.IMAGES, tables.IMAGES_SCHEMA).add(pa.Table.from_pylist(self.images,
+                                                                                       tables.IMAGES_SCHEMA))
+        if self.ids:
+            vec = pa.FixedSizeListArray.from_arrays(pa.array(np.stack(self.vectors).ravel(), pa.float32()),
+                                                    self.schema.field("vector").type.list_size)
+            self.db.table(self.emb, self.schema).add(pa.Table.from_arrays([pa.array(self.ids, pa.string()), vec],
+                                                                          schema=self.schema))
+        self.db.append(tables.ERRORS, tables.ERRORS_SCHEMA, self.errors)
+        self.db.append(tables.SOURCES, tables.SOURCES_SCHEMA, self.ledger)
+        self.images, self.ids, self.vectors, self.ledger, self.errors, self.bytes = [], [], [], [], [], 0
+
+
+def resolve_ladder(db: tables.Database, ladder: str | None) -> query.ResolvedLadder:
+    """The ladder to index with: `ladder`, else the one the database remembers; a fresh database needs a name."""
+    try:
+        return query.open_ladder(db, ladder)
+    except NotIndexedError:
+        known = ", ".join(sorted(ladder.name for ladder in models.list_ladders()))
+        raise BadInputError(f"{db.uri} is a new database: say which ladder embeds it with --ladder NAME (known: "
+                            f"{known}; `bicascade ladders` lists them, `bicascade ladders add NAME "
+                            "ARCH=CHECKPOINT ...` makes one from your own CLIP checkpoints)") from None
+
+
+def run_index(source: str, db_uri: str, ladder: str | None = None, config: IndexConfig = IndexConfig()) -> IndexReport:
+    """Index `source` into `db_uri` with level 0 of the ladder; rerunning adds only what is missing."""
+    import ray
+    import ray.data
+
+    t0 = time.perf_counter()
+    src = sources.list_source(source)
+    if not src.units:
+        raise BadInputError(f"source has no images ({', '.join(sources.IMAGE_EXTS)}), parquet or .tar files: {source}")
+    db = tables.Database(db_uri)
+    resolved = resolve_ladder(db, ladder)
+    level0 = resolved.levels[0]
+    spec = level0.spec
+    models.preflight(spec)
+    pp_cfg, dim = models.describe(spec)
+    emb = tables.emb_table(level0.fingerprint)
+    query.record(db, resolved)
+    known = db.ids(emb)
+    stored = db.ids(tables.IMAGES)
+    done = db.done_uris(known)
+    run = uuid.uuid4().hex[:12]
+    log.info("indexing %s (%s, %d units) into %s with %s [%s]", source, src.kind, len(src.units), db_uri, spec.name,
+             emb)
+
+    cluster.connect()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours below says images/s and ETA
+    cpus = ray.cluster_resources().get("CPU", 1)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = gpus or max(1, int(cpus // 4))
+    if src.kind == "files":
+        uris = [src.scheme + u for u in src.units]
+        total = len(uris)
+        todo = [u for u in uris if u not in done]
+        pre_skipped = total - len(todo)
+        blocks = max(1, len(todo) // (4 * config.batch_size))  # small blocks: steady commits, bounded memory
+        ds = ray.data.from_items([{"uri": u} for u in todo], override_num_blocks=blocks)
+    else:
+        reader = sources.parquet_rows if src.kind == "parquet" else sources.tar_rows
+        total, pre_skipped = sources.count_rows(src), 0
+        ds = ray.data.from_items(src.units).flat_map(lambda row, r=reader, s=src: list(r(s, row["item"])))
+    writer = Writer(db, level0.fingerprint, dim, set(known), stored, run, config.flush_rows)
+    writer.skipped = pre_skipped
+    startup: float | None = None
+    bar = tqdm(total=total, initial=pre_skipped, desc="index", unit="img", mininterval=1)
+    if total != pre_skipped:
+        # what the tasks skip without decoding; past SHIP_MAX ids the sets stay here (every task would carry them)
+        # and a duplicate is decoded, encoded and then dropped by the writer
+        ship = len(known) + len(done) <= SHIP_MAX
+        ds = ds.map_batches(decode_batch, batch_size=config.batch_size, num_cpus=0.5,
+                            fn_kwargs={"preprocess_cfg": pp_cfg, "known": known if ship else set(),
+                                       "done": done if ship or src.kind != "files" else set()})
+        ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec, "threads": max(1, int(cpus) // actors)},
+                            compute=ray.data.ActorPoolStrategy(size=actors), batch_size=config.batch_size,
+                            num_gpus=1 if gpus else 0, num_cpus=1)
+        for batch in ds.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
+            startup = startup if startup is not None else time.perf_counter() - t0
+            writer.add(batch)
+            bar.update(len(batch["uri"]))
+    writer.flush()
+    bar.close()
+    log.debug("compacting %s and %s, then building indexes", tables.IMAGES, emb)
+    db.finish([tables.IMAGES, emb])
+    params = db.build_ann(level0.fingerprint, min_rows=config.ann_min_rows) if db.has(emb) else None
+    rows = db.count(emb)
+    seconds = time.perf_counter() - t0
+    report = IndexReport(rows=rows, new_rows=writer.new_rows, errors=writer.error_count, skipped=writer.skipped,
+                         seconds=round(seconds, 2), images_per_s=round(writer.new_rows / seconds, 2),
+                         startup_s=round(startup, 2) if startup is not None else None,
+                         table_version=db.version(emb), table=emb,
+                         model=spec.name, ladder=resolved.name, ann=params.index_type if params else "exact")
+    db.append(tables.RUNS, tables.RUNS_SCHEMA, [{"run": run, "source": source, "model": spec.name,
+                                                 "fingerprint": level0.fingerprint, "status": "done", "rows": rows,
+                                                 "new_rows": writer.new_rows, "errors": writer.error_count,
+                                                 "started": time.time() - seconds, "finished": time.time()}])
+    return report

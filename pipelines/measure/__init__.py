@@ -1,0 +1,1 @@
+"""Measurement: recall per level and cascade, the p-small-world stream simulator and its report."""

@@ -1,0 +1,51 @@
+"""GPUs in serving, checked on this CPU machine with Ray's logical GPU resources (Ray does not look at the hardware):
+each Encoder replica requests a share of the cluster's GPUs by its level's cost and is placed with it."""
+import pytest
+import ray
+import requests
+from ray import serve
+
+from bicascade import cluster
+from bicascade.serve import app, server
+
+from conftest import free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache():  # the module shares tiny_db's cache
+    yield
+
+
+def test_shares_follow_level_cost():
+    assert app.gpu_shares([1.0, 4.0, 15.0], 0) == [0.0, 0.0, 0.0]
+    assert app.gpu_shares([1.0, 4.0, 15.0], 1) == [0.05, 0.2, 0.75]
+    assert app.gpu_shares([1.0, 4.0, 15.0], 2) == [0.1, 0.4, 1.0]  # no replica takes more than one GPU
+
+
+def test_encoder_replicas_request_and_get_their_gpu_share(tiny_db):
+    cluster.connect(app.runtime_env(), num_gpus=2)  # two logical GPUs
+    try:
+        url = server.deploy(app.AppConfig(db=tiny_db), port=free_port())
+        assert requests.post(f"{url}/search", json={"query": "a red circle", "k": 5}, timeout=120).status_code == 200
+        infos = [serve.get_deployment_handle(f"Encoder{j}", "bicascade").info.remote().result() for j in range(3)]
+        from bicascade import query
+        from bicascade.storage import tables
+
+        levels = query.open_ladder(tables.Database(tiny_db), None).levels
+        want = app.gpu_shares([lv.gflops for lv in levels], 2)
+        actors = {a["name"]: a for a in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")], detail=True)}
+        got = {}
+        for name, actor in actors.items():
+            for j in range(3):
+                if f"Encoder{j}#" in name:
+                    got[j] = actor["required_resources"].get("GPU", 0)
+        assert got == dict(enumerate(want)), (got, want)
+        for name, actor in actors.items():  # nothing else asks for a GPU
+            if not any(f"Encoder{j}#" in name for j in range(3)):
+                assert not actor["required_resources"].get("GPU"), name
+        assert ray.available_resources().get("GPU", 0) == pytest.approx(2 - sum(want))
+        assert [i["model"] for i in infos] == [lv.name for lv in levels]
+    finally:
+        server.stop()

@@ -1,0 +1,109 @@
+"""Ladders from the command line: LEVEL strings, YAML files, validation on add, show/list/remove, offline hub tags."""
+import json
+
+import pytest
+import torch
+
+from bicascade import ladders, models
+from bicascade.errors import BadInputError, MissingWeightsError, UnknownNameError
+
+from conftest import cli, cli_json
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """Random-init checkpoints of two tiny architectures of rising cost, the second with the first's text tower
+    (as a distilled pair would have), and a third with a text tower of its own."""
+    torch.manual_seed(0)
+    small = models.create("bc-tiny-s")
+    large = models.create("bc-tiny-l")
+    large.load_state_dict({k: v for k, v in small.state_dict().items() if not k.startswith("visual.")}, strict=False)
+    other = models.create("bc-tiny-l")
+    return {name: models.save_checkpoint(m, tmp_path / f"{name}.pt")
+            for name, m in (("small", small), ("large", large), ("other", other))}
+
+
+def test_level_strings():
+    assert ladders.parse_level("ViT-B-16@laion2b_s34b_b88k", "x", 0) == models.ModelSpec(
+        "x/ViT-B-16", "ViT-B-16", pretrained="laion2b_s34b_b88k")
+    spec = ladders.parse_level("bc-tiny-s=rel/ckpt.pt", "x", 0)
+    assert spec.arch == "bc-tiny-s" and spec.checkpoint.endswith("/rel/ckpt.pt") and spec.checkpoint.startswith("/")
+    assert ladders.parse_level("hf-hub:org/repo", "x", 1).arch == "hf-hub:org/repo"
+    assert ladders.parse_level("bc-tiny-s", "x", 3).seed == 3  # random weights, reproducible
+    with pytest.raises(UnknownNameError, match="no architecture 'ViT-Q-32'"):
+        ladders.parse_level("ViT-Q-32=/x.pt", "x", 0)
+    with pytest.raises(UnknownNameError, match="no pretrained tag 'nope' for ViT-B-16.*laion2b_s34b_b88k"):
+        ladders.parse_level("ViT-B-16@nope", "x", 0)
+
+
+def test_add_validates_saves_and_compares_text_towers(checkpoints):
+    shared = ladders.add("pair", [ladders.parse_level(f"bc-tiny-s={checkpoints['small']}", "pair", 0),
+                                  ladders.parse_level(f"bc-tiny-l={checkpoints['large']}", "pair", 1)])
+    assert shared.shared_text_tower and [lv.arch for lv in shared.levels] == ["bc-tiny-s", "bc-tiny-l"]
+    assert shared.levels[0].gflops < shared.levels[1].gflops and shared.levels[0].dim == 32
+    assert len({lv.fingerprint for lv in shared.levels}) == 2
+    models._LADDERS.pop("pair")  # another process sees it from the file
+    assert models.get_ladder("pair").levels == ("pair/bc-tiny-s", "pair/bc-tiny-l")
+    assert models.text_encoders(models.get_ladder("pair").levels) == [0, 0]
+    apart = ladders.add("apart", [ladders.parse_level(f"bc-tiny-s={checkpoints['small']}", "apart", 0),
+                                  ladders.parse_level(f"bc-tiny-l={checkpoints['other']}", "apart", 1)])
+    assert not apart.shared_text_tower
+    with pytest.raises(BadInputError, match="exists"):
+        ladders.add("pair", [ladders.parse_level("bc-tiny-s", "pair", 0)])
+    with pytest.raises(BadInputError, match="rise in image cost, cheapest first"):
+        ladders.add("down", [ladders.parse_level(f"bc-tiny-l={checkpoints['large']}", "down", 0),
+                             ladders.parse_level(f"bc-tiny-s={checkpoints['small']}", "down", 1)])
+    with pytest.raises(MissingWeightsError, match="does not fit 'bc-tiny-s'"):
+        ladders.add("misfit", [ladders.parse_level(f"bc-tiny-s={checkpoints['large']}", "misfit", 0)])
+    with pytest.raises(MissingWeightsError, match="checkpoint not found"):
+        ladders.add("gone", [ladders.parse_level("bc-tiny-s=/nowhere/x.pt", "gone", 0)])
+    with pytest.raises(BadInputError, match="built-in"):
+        models.remove_ladder("openclip-vit")
+
+
+def test_yaml_ladders_resolve_paths_against_the_file(checkpoints, tmp_path):
+    (tmp_path / "ladder.yaml").write_text(
+        "name: from-file\ndescription: two tiny levels\nlevels:\n"
+        f"  - bc-tiny-s={checkpoints['small'].name}\n"
+        f"  - arch: bc-tiny-l\n    checkpoint: {checkpoints['large'].name}\n    name: big\n")
+    name, specs, about = ladders.from_yaml(tmp_path / "ladder.yaml")
+    assert (name, about) == ("from-file", "two tiny levels")
+    assert [s.name for s in specs] == ["from-file/bc-tiny-s", "big"]
+    assert all(s.checkpoint == str(checkpoints[k]) for s, k in zip(specs, ("small", "large")))
+    (tmp_path / "bad.yaml").write_text("levels:\n  - arch: bc-tiny-s\n    checkpoint: a.pt\n    pretrained: b\n")
+    with pytest.raises(BadInputError, match="one of checkpoint, pretrained, hf_hub"):
+        ladders.from_yaml(tmp_path / "bad.yaml", "bad")
+    (tmp_path / "typo.yaml").write_text("name: t\nlevel: []\n")
+    with pytest.raises(BadInputError, match="non-empty `levels`"):
+        ladders.from_yaml(tmp_path / "typo.yaml")
+
+
+def test_the_commands(checkpoints, tmp_path):
+    doc = cli_json("ladders", "add", "mine", f"bc-tiny-s={checkpoints['small']}", f"bc-tiny-l={checkpoints['other']}")
+    assert set(doc) >= {"name", "levels", "shared_text_tower"} and doc["name"] == "mine"
+    assert set(doc["levels"][0]) >= {"model", "arch", "gflops", "dim", "fingerprint"}
+    assert cli_json("ladders", "show", "mine") == doc
+    listed = {row["name"]: row for row in cli_json("ladders")["ladders"]}
+    assert listed["mine"]["kind"] == "user" and listed["mine"]["ready"]
+    assert listed["openclip-vit"]["kind"] == "built-in"
+    tiny = listed["synthetic-tiny"]  # a ladder the project can make: not trained in this cache yet
+    assert tiny["kind"] == "trainable" and not tiny["ready"]
+    assert tiny["make"] == "bicascade train --ladder synthetic-tiny"
+    (tmp_path / "l.yaml").write_text(f"levels: [bc-tiny-s={checkpoints['small']}]\n")
+    assert cli_json("ladders", "add", "--from", str(tmp_path / "l.yaml"), "yamled")["name"] == "yamled"
+    r = cli("ladders", "add", "rand", "bc-tiny-s", "bc-tiny-l", "--json")
+    assert "random weights" in r.stderr and json.loads(r.stdout)["levels"][0]["weights"] == "random (seed 0)"
+    assert cli("ladders", "remove", "mine").returncode == 0
+    r = cli("ladders", "show", "mine", check=False)
+    assert r.returncode == 2 and "unknown ladder 'mine'" in r.stderr
+
+
+def test_an_offline_hub_tag_fails_in_one_line(monkeypatch):
+    """Without the hub (as on this machine) a pretrained tag is one clear line at once, not retries and a trace."""
+    if models.hub_reachable():
+        pytest.skip("this machine reaches the model hub")
+    r = cli("ladders", "add", "hub", "ViT-B-16@laion2b_s34b_b88k", "ViT-L-14@laion2b_s32b_b82k", check=False,
+            timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "model hub is unreachable" in lines[0] and "ViT-B-16=PATH" in lines[0], r.stderr

@@ -1,0 +1,114 @@
+"""Least exposure: `bicascade serve`'s whole Ray cluster listens on loopback only; API keys (read and admin) guard
+every route but /healthz and never reach a log; per-client rate limits answer 429 with Retry-After across ingress
+replicas; and a schema-driven fuzz of the whole HTTP API (schemathesis, every default check) with keys off and on."""
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import LOOPBACK, listening, serving
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+READ, ADMIN = "read-key-5b2f9c1e7d3a4f60", "admin-key-0c8e61d94b7a2f35"
+HOOKS = Path(__file__).with_name("fuzz_hooks.py")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache():  # the module shares tiny_db's cache
+    yield
+
+
+@pytest.fixture
+def keyfile(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text(f"# who may search\n{READ} read\n{ADMIN} admin\n")
+    return str(path)
+
+
+def test_the_local_cluster_listens_on_loopback_only(tiny_db):
+    with serving(tiny_db) as server:
+        requests.post(f"{server.url}/search", json={"query": "a red circle"}, timeout=120).raise_for_status()
+        sockets = listening([server.proc.pid])  # the driver, GCS, raylet, agents, workers and replicas
+        assert len(sockets) > 5 and {ip for ip, _, _ in sockets} <= LOOPBACK, sockets
+        print(f"{len(sockets)} listening sockets on {sorted({ip for ip, _, _ in sockets})}")
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_api_keys_guard_every_route_and_never_reach_a_log(tiny_db, keyfile):
+    with serving(tiny_db, "--api-key-file", keyfile) as server:
+        url = server.url
+        body = {"query": "a red circle", "k": 3}
+        for route, method in (("/search", "post"), ("/stats", "get"), ("/metrics", "get"), ("/", "get"),
+                              ("/openapi.json", "get"), ("/indices-list", "get"), ("/ladder", "get")):
+            r = getattr(requests, method)(f"{url}{route}", json=body, timeout=60)
+            assert r.status_code == 401 and "API key" in r.json()["error"], (route, r.status_code)
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert requests.post(f"{url}/search", json=body, headers=bearer("x" * 24), timeout=60).status_code == 401
+        assert requests.get(f"{url}/healthz", timeout=30).json() == {"ok": True}
+        hit = requests.post(f"{url}/search", json=body, headers=bearer(READ), timeout=60)
+        assert hit.status_code == 200 and len(hit.json()["results"]) == 3
+        image = hit.json()["results"][0]["id"]
+        assert requests.get(f"{url}/images/{image}", headers=bearer(READ), timeout=30).status_code == 200
+        assert requests.get(f"{url}/images/{image}", timeout=30).status_code == 401
+        assert requests.get(f"{url}/stats", headers=bearer(READ), timeout=30).status_code == 403  # admin routes
+        assert requests.get(f"{url}/stats", headers=bearer(ADMIN), timeout=30).json()["rows"] == 300
+        assert "bicascade_" in requests.get(f"{url}/metrics", headers=bearer(ADMIN), timeout=30).text
+        assert requests.get(f"{url}/?key={READ}", timeout=30).status_code == 200  # the page, opened from a link
+        assert requests.get(f"{url}/", auth=("anyone", READ), timeout=30).status_code == 200  # a browser's prompt
+        server.stop()
+    logs = server.stderr + "".join(p.read_text(errors="replace") for p in Path("/tmp/ray/session_latest/logs")
+                                   .rglob("*") if p.is_file() and p.stat().st_size < 50 << 20)
+    assert READ not in logs and ADMIN not in logs
+
+
+def test_rate_limits_answer_429_across_ingress_replicas_then_recover(tiny_db):
+    with serving(tiny_db, "--rate", "2", "--burst", "4", "--replicas", "Api=2") as server:
+        t0 = time.monotonic()
+        answers = [requests.post(f"{server.url}/search", json={"query": "a blue star", "k": 3}, timeout=60)
+                   for _ in range(20)]
+        elapsed = time.monotonic() - t0
+        ok = [r for r in answers if r.status_code == 200]
+        limited = [r for r in answers if r.status_code == 429]
+        assert len(ok) + len(limited) == 20 and limited
+        assert len(ok) <= 4 + 2 * elapsed + 1  # one shared bucket for both replicas, not one each
+        assert all(int(r.headers["Retry-After"]) >= 1 and "rate limit" in r.json()["error"] for r in limited)
+        time.sleep(int(limited[-1].headers["Retry-After"]) + 1)
+        assert requests.post(f"{server.url}/search", json={"query": "a blue star"}, timeout=60).status_code == 200
+        assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200  # never limited
+
+
+def fuzz(url: str, *headers: str, examples: int = 25) -> dict:
+    """schemathesis over the server's own OpenAPI document, every default check on; returns its counts."""
+    args = [str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/openapi.json", "--checks", "all",
+            "--max-examples", str(examples), "--seed", "1", "--workers", "1", "--request-timeout", "60",
+            "--wait-for-schema", "60"]
+    for h in headers:
+        args += ["--header", h]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=800,
+                       env={"SCHEMATHESIS_HOOKS": "fuzz_hooks", "PYTHONPATH": str(HOOKS.parent),
+                            "PATH": str(Path(sys.executable).parent), "HOME": str(Path.home())})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    cases = [int(n) for n in re.findall(r"(\d+) generated", out)]
+    return {"output": out, "cases": sum(cases)}
+
+
+@pytest.mark.timeout(1200)
+def test_the_whole_api_fuzzed_from_its_schema_with_keys_off_and_on(tiny_db, keyfile):
+    with serving(tiny_db) as server:
+        off = fuzz(server.url)
+        assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    with serving(tiny_db, "--api-key-file", keyfile) as server:
+        on = fuzz(server.url, f"Authorization: Bearer {ADMIN}")
+        assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    print(json.dumps({"keys_off_cases": off["cases"], "keys_on_cases": on["cases"]}))
+    for run in (off, on):
+        assert "5xx" not in run["output"] and "Server error" not in run["output"]
