@@ -30,7 +30,8 @@ def connect(runtime_env: dict | None = None, dashboard: bool = False, **kwargs: 
     if not os.environ.get("RAY_ADDRESS"):
         local_only()
         env.setdefault("worker_process_setup_hook", SETUP_HOOK)
-        opts |= {"num_cpus": os.cpu_count(), "_node_ip_address": LOOPBACK}
+        # "local": always a cluster of our own, never one a stray `ray start` left running on this machine
+        opts |= {"address": "local", "num_cpus": os.cpu_count(), "_node_ip_address": LOOPBACK}
         if dashboard:
             opts["dashboard_host"] = LOOPBACK
     ray.init(runtime_env=env, **(opts | kwargs))
