@@ -11,7 +11,9 @@ from bicascade.serve.app import AppConfig
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = Path(__file__).resolve().parents[1] / "work" / "screenshots"
-LOADED = "[...document.querySelectorAll('#grid li img')].every(i => i.complete && i.naturalWidth > 0)"
+# thumbnails load lazily: every one inside the viewport must have arrived (those below the fold need not have)
+LOADED = ("[...document.querySelectorAll('#grid li img')].filter(i => i.getBoundingClientRect().top < innerHeight)"
+          ".every(i => i.complete && i.naturalWidth > 0)")
 
 
 @pytest.fixture(autouse=True)
