@@ -238,12 +238,24 @@ class Database:
         if rows:
             self.table(name, schema).add(pa.Table.from_pylist(list(rows), schema=schema))
 
+    def compact(self, name: str, attempts: int = 8) -> None:
+        """Fold small fragments together. A compaction that races a writer's commit is preempted by lance (the
+        writer wins, so nothing it wrote is lost) and is simply retried on the newer version."""
+        for attempt in range(attempts):
+            try:
+                self.table(name).optimize()
+                return
+            except RuntimeError as e:
+                if "Retryable commit conflict" not in str(e) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * 2 ** attempt)
+
     def finish(self, names: Iterable[str]) -> None:
         """Compact the fragments many batched commits leave, and index ids for take-by-id."""
         for name in names:
             if self.has(name):
+                self.compact(name)
                 table = self.table(name)
-                table.optimize()
                 if table.count_rows() and "id" in table.schema.names:
                     table.create_index("id", config=BTree(), replace=True)
 

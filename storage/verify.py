@@ -130,7 +130,7 @@ def check_embeddings(db: tables.Database, name: str, image_ids: set[str], level0
             report.repaired.append(f"dropped {len(drop)} broken or orphaned rows"
                                    + (" (re-run `bicascade index` to re-embed them)" if level0 and bad else ""))
         if report.unindexed:
-            table.optimize()
+            db.compact(name)
             report.repaired.append("folded unindexed rows into the ANN index")
     return report
 

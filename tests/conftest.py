@@ -126,8 +126,8 @@ class Served:
         self.stderr = ""
 
     def stop(self, timeout: float = 120) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        if self.proc.poll() is None:  # SIGTERM to the server alone, as `kill`, docker and Kubernetes send it: the
+            os.kill(self.proc.pid, signal.SIGTERM)  # cluster it started must outlive it until its writers are flushed
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

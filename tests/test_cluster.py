@@ -84,7 +84,7 @@ def test_index_and_serve_on_two_nodes(cluster, tmp_path):
         assert set(where["encoders"]) <= set(where["workers"]) and set(where["writers"]).isdisjoint(where["workers"])
         sockets = listening([server.proc.pid], marker=cluster)  # the app's driver, both nodes and their workers
         assert len(sockets) > 5 and {ip for ip, _, _ in sockets} <= LOOPBACK, sockets
-        assert server.stop() == 0
+        assert server.stop() == 0, server.stderr[-4000:]
 
 
 @pytest.mark.timeout(120)

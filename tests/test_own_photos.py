@@ -79,6 +79,6 @@ def test_search_and_serve_use_the_database_ladder(user):
         assert [r["id"] for r in served["results"]] == [r["id"] for r in local["results"]]
         truncated = requests.post(f"{server.url}/search", json={"query": long_query[:1000], "k": 3}, timeout=300)
         assert truncated.status_code == 200  # longer than the tokenizer's 77 tokens: truncated, not refused
-        assert server.stop() == 0
+        assert server.stop() == 0, server.stderr[-4000:]
     r = cli("index", str(root / "photos"), "--db", db, "--ladder", "openclip-vit", check=False)
     assert r.returncode == 2 and "level 0" in r.stderr  # another level 0 on this database: refused, with advice

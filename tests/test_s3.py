@@ -70,7 +70,7 @@ def test_index_serve_and_write_back_on_s3(s3_env):
         served = requests.post(f"{server.url}/search", json={"query": QUERY, "k": 5}, timeout=120).json()
         image = requests.get(f"{server.url}/images/{served['results'][0]['id']}", timeout=30)
         assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
-        assert server.stop() == 0  # SIGTERM flushes the cache writers to s3://
+        assert server.stop() == 0, server.stderr[-4000:]  # SIGTERM flushes the cache writers to s3://
     encoded = [lv["encoded"] for lv in served["stats"]["levels"][1:]]
     assert all(n > 0 for n in encoded)
 

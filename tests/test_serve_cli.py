@@ -20,7 +20,7 @@ def test_serve_command_stops_cleanly_and_the_cache_survives_a_restart(tiny_db):
     for _ in range(2):
         with serving(tiny_db) as server:  # no --ladder: the database's own
             runs.append(requests.post(f"{server.url}/search", json=body, timeout=120).json()["stats"]["levels"])
-            assert server.stop() == 0
+            assert server.stop() == 0, server.stderr[-4000:]
             assert f"serving {tiny_db} on {server.url}" in server.stderr
     assert sum(lv["encoded"] for lv in runs[0][1:]) > 0
     assert all(lv["cache_hits"] == lv["candidates"] and lv["encoded"] == 0 for lv in runs[1][1:])
@@ -63,4 +63,4 @@ def test_overload_gets_503_with_retry_after_then_recovers(tiny_db):
         assert all(r.status_code in (200, 503) for r in answers) and len(shed) < len(answers)
         again = requests.post(f"{server.url}/search", json=bodies[0], timeout=120)  # recovered without a restart
         assert again.status_code == 200
-        assert server.stop() == 0
+        assert server.stop() == 0, server.stderr[-4000:]
