@@ -305,8 +305,27 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def route_label(request: Request) -> str:
+    """The route a request matched, as metrics label it ("/images", not "/images/<id>"); "other" before routing."""
+    route = request.scope.get("route")
+    return route.path.split("/{", 1)[0] or "/" if route is not None else "other"
+
+
+def refused(request: Request, response: JSONResponse) -> JSONResponse:
+    """Count a response the framework gave before `Api.answer` ran (a body that fails validation, one too big)."""
+    recorder = getattr(request.app.state, "recorder", None)
+    if recorder is not None:
+        recorder.inc("bicascade_responses_total", route=route_label(request),
+                     status=f"{response.status_code // 100}xx")
+    return response
+
+
 @api.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return refused(request, invalid_response(exc))
+
+
+def invalid_response(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     modes = ("TextSearch", "ImageIdSearch", "ImageSearch")
     by_mode = [e for e in errors if len(e["loc"]) > 2 and e["loc"][1] in modes]
@@ -332,12 +351,18 @@ async def _http(_: Request, exc: HTTPException) -> JSONResponse:
     return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))  # keeps Allow on a 405
 
 
+CLIP_ROUTES = ("/knn-service", "/metadata")
+
+
 @api.middleware("http")
 async def _limit_body(request: Request, call_next):
     size = request.headers.get("content-length")
     cap = MAX_BODY_BYTES + (MAX_UPLOAD_B64 if request.url.path in ("/search", "/knn-service") else 0)
     if size is not None and (not size.isdigit() or int(size) > cap):
-        return error(413, f"request body over {cap} bytes")
+        return refused(request, error(413, f"request body over {cap} bytes"))
+    if request.url.path in CLIP_ROUTES and "content-type" not in request.headers:
+        # clip-retrieval's ClipClient posts json.dumps(...) with no Content-Type: read such a body as JSON
+        request.scope["headers"] = [*request.scope["headers"], (b"content-type", b"application/json")]
     return await call_next(request)
 
 
@@ -414,6 +439,7 @@ class Api:
         self.limiter = Limiter(RateLimit(config.rate, config.burst), serve.get_replica_context().app_name)
         self.thumbs: dict[tuple[str, int], bytes] = {}
         self.metrics = metrics.Recorder()
+        api.state.recorder = self.metrics  # for the responses FastAPI gives before a route runs
         self.stop = metrics.start_flusher(self.metrics)
         self.hub = metrics.hub()
         self.page = (PAGE / "index.html").read_text()
