@@ -66,4 +66,4 @@ class Encoder:
     def info(self) -> dict:
         return {"model": self.model.spec.name, "fingerprint": self.model.fingerprint, "dim": self.model.dim,
                 "encoded": self.encoded, "node": ray.get_runtime_context().get_node_id(),
-                "device": str(self.model.device)}
+                "device": str(self.model.device), "resources": ray.get_runtime_context().get_assigned_resources()}

@@ -393,11 +393,29 @@ def client_of(request: Request, key: str | None) -> str:
     return "addr:" + (request.client.host if request.client else "unknown")
 
 
-def narrow_schema(depth: int, cutoffs: list[int]) -> None:
+BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def as_enforced(node):
+    """The schema pydantic writes, made to say what pydantic enforces, so clients and fuzzers see it: the bounds of
+    an optional constrained type (`Int | None = Field(ge=1)`) come out as `ge`/`le`, which no JSON Schema reader
+    knows, and a dict with constrained keys (`patternProperties`) does not say that other keys are refused."""
+    if isinstance(node, dict):
+        typed = node.get("type") in ("integer", "number")
+        out = {(BOUNDS.get(k, k) if typed else k): as_enforced(v) for k, v in node.items()}
+        if "patternProperties" in out:
+            out.setdefault("additionalProperties", False)
+        return out
+    if isinstance(node, list):
+        return [as_enforced(v) for v in node]
+    return node
+
+
+def narrow_schema(depth: int, cutoffs: list[int]) -> dict:
     """The OpenAPI document states this app's own bounds: k and offset up to m_1 (a deeper cascade returns at most
     its last cutoff), `levels` up to the ladder's depth."""
     top = cutoffs[0] if cutoffs else MAX_K
-    schema = copy.deepcopy(api.openapi())
+    schema = as_enforced(api.openapi())  # a new document: FastAPI's own stays as it is
     props = schema["components"]["schemas"]
     for name in ("TextSearch", "ImageIdSearch", "ImageSearch"):
         p = props[name]["properties"]
@@ -405,7 +423,7 @@ def narrow_schema(depth: int, cutoffs: list[int]) -> None:
         for option in p["levels"].get("anyOf", [p["levels"]]):
             if option.get("type") == "integer":
                 option["maximum"] = depth
-    api.openapi_schema = schema
+    return schema
 
 
 async def retried(call, attempts: int = 12, wait_s: float = 0.5):
@@ -443,7 +461,7 @@ class Api:
         self.stop = metrics.start_flusher(self.metrics)
         self.hub = metrics.hub()
         self.page = (PAGE / "index.html").read_text()
-        narrow_schema(self.depth, cutoffs)
+        self.schema = narrow_schema(self.depth, cutoffs)
 
     # -- auth, limits, accounting ------------------------------------------------------------------------------
 
@@ -591,7 +609,7 @@ class Api:
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> Response:
         async def work():
-            return JSONResponse(api.openapi_schema)
+            return JSONResponse(self.schema)
         return await self.answer("/openapi.json", request, work)
 
     @api.get("/healthz")

@@ -33,8 +33,10 @@ def test_a_new_top_level_is_warmed_and_served_without_downtime(tiny_db, tmp_path
     cli("ladders", "add", "upgraded", f"{s.arch}={s.checkpoint}", f"{m.arch}={m.checkpoint}",
         f"bc-tiny-l={new_top(tmp_path, 'bc-tiny-l', 7)}")
     with serving(tiny_db) as server:
-        for q in ("a red circle", "two blue squares", "a striped star"):  # the old top level caches some images
-            requests.post(f"{server.url}/search", json={"query": q}, timeout=120).raise_for_status()
+        # the old top level caches some images, among them every one the stream below will touch, so the set the
+        # migration warms is known before it starts
+        for q in ("a red circle", "two blue squares", "a striped star", "a small green star"):
+            requests.post(f"{server.url}/search", json={"query": q, "k": 5}, timeout=120).raise_for_status()
         time.sleep(5)  # flushed by age
         old_top = tables.emb_table(old.levels[-1].fingerprint)
         cached = db.ids(old_top)

@@ -92,6 +92,8 @@ def fuzz(url: str, *headers: str, examples: int = 25) -> dict:
             "--wait-for-schema", "60"]
     for h in headers:
         args += ["--header", h]
+    doc = requests.get(f"{url}/openapi.json", headers=dict(h.split(": ", 1) for h in headers), timeout=60)
+    assert doc.status_code == 200 and "openapi" in doc.json(), doc.text[:2000]
     r = subprocess.run(args, capture_output=True, text=True, timeout=800,
                        env={"SCHEMATHESIS_HOOKS": "fuzz_hooks", "PYTHONPATH": str(HOOKS.parent),
                             "PATH": str(Path(sys.executable).parent), "HOME": str(Path.home())})

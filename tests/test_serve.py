@@ -7,7 +7,7 @@ import requests
 from ray import serve
 
 from bicascade import models, query
-from bicascade.serve.app import AppConfig
+from bicascade.serve.app import MAX_BODY_BYTES, MAX_UPLOAD_B64, AppConfig
 from bicascade.storage import tables
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -121,8 +121,11 @@ def test_bad_requests_are_4xx_json(url, body, message):
 def test_non_json_oversized_and_ids(url):
     r = requests.post(f"{url}/search", data="{not json", headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 422 and "error" in r.json()
-    r = requests.post(f"{url}/search", data="x" * 100_000, headers={"content-type": "application/json"}, timeout=30)
+    over = MAX_BODY_BYTES + MAX_UPLOAD_B64 + 1  # one byte more than a search with the largest upload may carry
+    r = requests.post(f"{url}/search", data="x" * over, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413 and "error" in r.json()
+    r = requests.post(f"{url}/ladder", data="x" * (MAX_BODY_BYTES + 1), timeout=30)  # other routes: 16 KiB
+    assert r.status_code == 413
     for bad in ("..%2F..%2Fetc%2Fpasswd", "a.b", "%2e%2e"):
         r = requests.get(f"{url}/images/{bad}", timeout=30)
         assert 400 <= r.status_code < 500 and "error" in r.json()
