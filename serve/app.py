@@ -339,8 +339,11 @@ def invalid_response(exc: RequestValidationError) -> JSONResponse:
     for e in errors:
         if e["loc"][-1] in hints:
             return error(422, hints[e["loc"][-1]])
+    # a union's other branches add "query: Field required"-style noise beside the real error: report the real one
+    real = [e for e in errors if not (e["loc"][-1] in ("query", "image_id", "image")
+                                      and e["type"] in ("missing", "extra_forbidden"))]
     parts = []
-    for e in errors[:5]:
+    for e in (real or errors)[:5]:
         loc = [str(p) for p in e["loc"][1:] if p not in ("TextSearch", "ImageIdSearch", "ImageSearch")]
         parts.append(f"{'.'.join(loc) or 'body'}: {e['msg']}")
     return error(422, "; ".join(dict.fromkeys(parts)) or "invalid request")

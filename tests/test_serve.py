@@ -116,6 +116,7 @@ def test_concurrent_identical_cold_queries_encode_once(url, corpus):
 def test_bad_requests_are_4xx_json(url, body, message):
     r = post(url, body)
     assert r.status_code == 422 and message in r.json()["error"], r.text
+    assert "Field required" not in r.json()["error"], r.text  # the mistake made, not the other request shapes
 
 
 def test_non_json_oversized_and_ids(url):
