@@ -21,3 +21,4 @@ def test_wheel_layout(tmp_path):
     assert "bicascade/model_configs/bc-test-vit.json" in names
     assert "bicascade/cli.py" in names and "bicascade/pipelines/demo.py" in names
     assert "bicascade/pipelines/ingest/index.py" in names and "bicascade/serve/config.yaml" in names
+    assert {f"bicascade/serve/page/{f}" for f in ("index.html", "app.js", "style.css")} <= set(names)  # the page
