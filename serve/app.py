@@ -315,9 +315,12 @@ def refused(request: Request, response: JSONResponse) -> JSONResponse:
     """Count a response the framework gave before `Api.answer` ran (a body that fails validation, one too big)."""
     recorder = getattr(request.app.state, "recorder", None)
     if recorder is not None:
-        recorder.inc("bicascade_responses_total", route=route_label(request),
-                     status=f"{response.status_code // 100}xx")
+        count_response(recorder, route_label(request), response.status_code)
     return response
+
+
+def count_response(recorder: metrics.Recorder, route: str, status: int) -> None:
+    recorder.inc("bicascade_responses_total", route=route, status=f"{status // 100}xx")
 
 
 @api.exception_handler(RequestValidationError)
@@ -484,7 +487,7 @@ class Api:
         return None
 
     def count(self, route: str, status: int) -> None:
-        self.metrics.inc("bicascade_responses_total", route=route, status=f"{status // 100}xx")
+        count_response(self.metrics, route, status)
 
     async def answer(self, route: str, request: Request, work, admin: bool = False) -> Response:
         """Gate, run `work()`, map errors to statuses, count the response."""
