@@ -100,6 +100,12 @@ def hub() -> ray.actor.ActorHandle:
                               lifetime="detached", max_restarts=-1, max_task_retries=-1).remote()
 
 
+def push(recorder: Recorder, target: ray.actor.ActorHandle) -> ray.ObjectRef | None:
+    """Hand `recorder`'s deltas to the hub now; the call's ref (None when nothing was pending)."""
+    counts, observations, gauges = recorder.take()
+    return target.add.remote(counts, observations, gauges) if counts or observations or gauges else None
+
+
 def start_flusher(recorder: Recorder, every_s: float = 1.0) -> threading.Event:
     """Send `recorder`'s deltas to the hub every `every_s` (fire and forget); set the event to stop."""
     stop = threading.Event()
@@ -107,8 +113,6 @@ def start_flusher(recorder: Recorder, every_s: float = 1.0) -> threading.Event:
 
     def loop() -> None:
         while not stop.wait(every_s):
-            counts, observations, gauges = recorder.take()
-            if counts or observations or gauges:
-                target.add.remote(counts, observations, gauges)
+            push(recorder, target)
     threading.Thread(target=loop, daemon=True, name="bicascade-metrics").start()
     return stop

@@ -196,6 +196,7 @@ class Router:
         self.audit_front = cache.LruVectors(32 << 20)
         self.metrics = metrics.Recorder()
         self.stop = metrics.start_flusher(self.metrics)
+        self.hub = metrics.hub()
         self.last_refresh = time.monotonic()
 
     @staticmethod
@@ -366,6 +367,9 @@ class Router:
         for j, (info, c) in enumerate(zip(self.infos, [rows, *cached])):
             self.metrics.set("bicascade_cache_rows", c, level=str(j), model=info.name)
             self.metrics.set("bicascade_live_coverage", c / rows if rows else 0.0, level=str(j))
+        pushed = metrics.push(self.metrics, self.hub)  # in the hub before a /metrics render that follows this call
+        if pushed is not None:
+            ray.get(pushed)
         window = 3600.0
         recent = ray.get([w.recent.remote(window) for w in self.writers])
         live = [r / rows if rows else 0.0 for r in recent]

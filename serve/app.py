@@ -633,7 +633,8 @@ class Api:
                                                              429: ERR, **SERVICE})
     async def metrics_route(self, request: Request) -> Response:
         async def work():
-            await self.router.stats.remote()  # refreshes the cache-row gauges
+            await self.router.stats.remote()  # refreshes the cache-row gauges and hands the router's counts over
+            metrics.push(self.metrics, self.hub)  # this replica's own, ahead of the render (one caller: in order)
             text = await self.hub.render.remote()
             return Response(text, media_type="text/plain; version=0.0.4")
         return await self.answer("/metrics", request, work, admin=self.keys is not None)

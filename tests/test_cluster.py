@@ -1,9 +1,13 @@
 """Nothing assumes one node: a real 2-node Ray cluster on this machine (`ray start --head` + `ray start --address`),
-an index job and a served query on it, compared with the single-process run over the same database."""
+an index job and a served query on it, compared with the single-process run over the same database; and an index
+job that loses its worker node midway."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,6 +39,7 @@ print(json.dumps({{
 RAY_START = ("import sys, ray._private.services as s; s.resolve_ip_for_localhost = lambda h: h; "
              "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()")
 LOCAL = {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+COMMON = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
 
 @pytest.fixture(autouse=True)
@@ -42,25 +47,42 @@ def isolated_cache(tiny_session, monkeypatch):  # the run's tiny ladder, trained
     monkeypatch.setenv("BICASCADE_CACHE", tiny_session[0])
 
 
+def start_head() -> str:
+    """A head with no CPUs (drivers, Serve controller, cache writers) on 127.0.0.1 only, token auth off (it is on by
+    default for `ray start`): this cluster listens on loopback only. Returns its address."""
+    address = f"127.0.0.1:{free_port()}"
+    subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=0",
+                    "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+                    f"--dashboard-agent-listen-port={free_port()}", *COMMON], check=True, env={**os.environ, **LOCAL},
+                   timeout=180, capture_output=True)
+    return address
+
+
+def join(address: str, block: bool = False) -> subprocess.Popen | None:
+    """A worker node with 2 CPUs (all compute) joins; with `block`, in its own process group, so that killing the
+    group kills the node (raylet, object store and its workers), as a lost machine would."""
+    env = {k: v for k, v in {**os.environ, **LOCAL}.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    args = [sys.executable, "-c", RAY_START, "start", f"--address={address}", "--num-cpus=2",
+            '--resources={"worker_node": 1}', f"--dashboard-agent-listen-port={free_port()}", *COMMON]
+    if block:
+        return subprocess.Popen([*args, "--block"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    subprocess.run(args, check=True, env=env, timeout=180, capture_output=True)
+    return None
+
+
+def stop_all() -> None:
+    subprocess.run([RAY, "stop", "--force"], env={**os.environ, **LOCAL}, timeout=180, capture_output=True)
+
+
 @pytest.fixture
 def cluster():
-    """Head with no CPUs (drivers, Serve controller, cache writers) + a worker with 2 CPUs (all compute), both on
-    127.0.0.1 only; token auth off (it is on by default for `ray start`): this cluster listens on loopback only."""
-    address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, **LOCAL}
-    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     try:
-        subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=0",
-                        "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
-                        f"--dashboard-agent-listen-port={free_port()}", *common], check=True, env=env, timeout=180,
-                       capture_output=True)
-        worker_env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-        subprocess.run([sys.executable, "-c", RAY_START, "start", f"--address={address}", "--num-cpus=2",
-                        '--resources={"worker_node": 1}', f"--dashboard-agent-listen-port={free_port()}", *common],
-                       check=True, env=worker_env, timeout=180, capture_output=True)
+        address = start_head()
+        join(address)
         yield address
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, timeout=180, capture_output=True)
+        stop_all()
 
 
 def test_index_and_serve_on_two_nodes(cluster, tmp_path):
@@ -98,3 +120,46 @@ def test_cluster_yaml_is_a_valid_launcher_config():
     validate_config(config)  # raises on unknown or missing fields
     assert {"head", "gpu_worker"} <= set(config["available_node_types"])
     assert any("pip install" in c and "~/bicascade" in c for c in config["setup_commands"])
+
+
+INDEX = ("import sys; from bicascade.pipelines.ingest import index; print(index.run_index("
+         "sys.argv[1], sys.argv[2], sys.argv[3], index.IndexConfig(batch_size=16, flush_rows=32)))")
+
+
+def test_an_index_job_survives_the_loss_of_its_worker_node(tmp_path):
+    """The only worker node (the head has no CPUs) is killed early in an index job and another joins: the lost and
+    remaining work runs on the new node, and the job finishes with one row per image."""
+    from bicascade.pipelines.lab import world
+    from bicascade.storage import tables, verify
+
+    n = 3000  # seconds of work on this machine: most of it is left when the node dies
+    root = world.make_world(tmp_path / "world", replace(world.tiny(), seed=2, train=5, val=5, test=n))
+    db = str(tmp_path / "db")
+    try:
+        address = start_head()
+        node = join(address, block=True)
+        t0 = time.monotonic()
+        log = (tmp_path / "job.log").open("w")  # a file, not a pipe: a full pipe would stall the job
+        job = subprocess.Popen([sys.executable, "-c", INDEX, str(root / "test"), db, LADDER],
+                               env={**os.environ, **LOCAL, "RAY_ADDRESS": address}, stdout=log, stderr=log)
+        sources = Path(db) / f"{tables.SOURCES}.lance"
+        while job.poll() is None and time.monotonic() - t0 < 240:
+            if sources.is_dir() and tables.Database(db).count(tables.SOURCES) >= 64:
+                break
+            time.sleep(0.2)
+        partial = tables.Database(db).count(tables.SOURCES)
+        os.killpg(node.pid, signal.SIGKILL)  # the worker node, mid-job
+        node.wait(timeout=30)
+        killed = time.monotonic()
+        assert job.poll() is None and 0 < partial < n // 2, "the kill should land early in the job"
+        join(address)  # a replacement machine
+        job.wait(timeout=600)
+        assert job.returncode == 0, (tmp_path / "job.log").read_text()[-4000:]
+        d = tables.Database(db)
+        report = verify.verify(d, [r["fingerprint"] for r in d.recorded_ladder()])
+        assert report.ok, report.problems
+        assert report.tables[0].rows == n == report.tables[1].rows and report.tables[1].duplicate_ids == 0
+        print(json.dumps({"images": n, "written_before_kill": partial, "rows": report.tables[1].rows,
+                          "duplicate_ids": 0, "finished_s_after_kill": round(time.monotonic() - killed, 1)}))
+    finally:
+        stop_all()

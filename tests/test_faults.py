@@ -122,6 +122,7 @@ def test_compaction_in_a_loop_beside_a_busy_writer_loses_no_row(tmp_path):
     assert errors == []
     ids = d.column(tables.emb_table("busy"), "id")
     assert sorted(ids) == sorted(written)
+    print(json.dumps({"commits": 40, "rows_written": len(written), "rows": len(ids), "unique_ids": len(set(ids))}))
 
 
 def test_an_index_driver_killed_in_its_final_compaction_reruns_to_exactly_once(tiny_db, tmp_path):
@@ -139,10 +140,14 @@ def test_an_index_driver_killed_in_its_final_compaction_reruns_to_exactly_once(t
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the kill should land in the final compaction"
+    t0 = time.monotonic()
     again = cli_json("index", str(root / "test"), "--db", db, "--ann-min-rows", "256")
+    rerun_s = time.monotonic() - t0
     assert again["rows"] == 300 and again["ann"] == "IVF_SQ"
     report = verified(db)
     assert report.tables[0].rows == 300 == report.tables[1].rows  # images and level 0: each image exactly once
+    print(json.dumps({"images": 300, "rows_after_rerun": report.tables[1].rows,
+                      "duplicate_ids": report.tables[1].duplicate_ids, "rerun_s": round(rerun_s, 1)}))
 
 
 def mount_ro_capable(path) -> bool:
@@ -171,6 +176,7 @@ def test_a_database_turned_read_only_keeps_answering(tiny_db, tmp_path):
             assert statuses == [200] * len(statuses)
             assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200
             server.stop()
+            print(json.dumps({"requests_after_ro": len(statuses), "non_200": 0, "server_exit": server.proc.returncode}))
         logs = "".join(p.read_text(errors="replace") for p in Path("/tmp/ray/session_latest/logs").rglob("*")
                        if p.is_file() and p.stat().st_size < 50 << 20)
         assert "cache write to emb_" in logs and "failed" in logs
@@ -193,6 +199,7 @@ def test_a_live_index_update_under_a_query_stream_fails_no_request(tiny_db, tmp_
                 body = {"query": f"{('one', 'two', 'three')[n % 3]} small {('red', 'blue')[n % 2]} stars", "k": 5}
                 statuses.append(requests.post(f"{server.url}/search", json=body, timeout=120).status_code)
                 n += 1
+                time.sleep(0.05)  # a steady stream that leaves the index job some of the 2 cores
         t = threading.Thread(target=stream)
         t.start()
         t0 = time.monotonic()

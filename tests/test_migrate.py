@@ -49,6 +49,7 @@ def test_a_new_top_level_is_warmed_and_served_without_downtime(tiny_db, tmp_path
                 statuses.append(r.status_code)
                 if r.ok:
                     ladders.add(r.json()["stats"]["levels"][-1]["model"])
+                time.sleep(0.05)  # a steady stream that leaves the migration job some of the 2 cores
         t = threading.Thread(target=stream)
         t.start()
         report = cli_json("migrate", "--db", tiny_db, "--ladder", "upgraded", "--warm")

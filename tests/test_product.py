@@ -139,6 +139,8 @@ def settled_metrics(url: str) -> str:
 
 
 def test_metrics_count_every_replica(url):
+    first = requests.get(f"{url}/metrics", timeout=30).text  # the server's first render
+    assert metric(first, "bicascade_cache_rows", level="0") == 300  # gauges reach the hub before a render, not after
     before = settled_metrics(url)
     words = ("one", "two", "three", "four", "five", "six")
     docs = [post(url, {"query": f"{n} purple hexagons", "k": 5}) for n in words]

@@ -23,66 +23,57 @@ def isolated_cache():  # the module shares tiny_db's cache
     yield
 
 
-@pytest.fixture
-def keyfile(tmp_path):
-    path = tmp_path / "keys"
+@pytest.fixture(scope="module")
+def keyfile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("keys") / "keys"
     path.write_text(f"# who may search\n{READ} read\n{ADMIN} admin\n")
     return str(path)
 
 
-def test_the_local_cluster_listens_on_loopback_only(tiny_db):
+# three servers, each started once and stopped by its last test (one up at a time): a low rate limit over two
+# ingress replicas, keys off (its fuzz), and keys on (its fuzz, then the key checks, which read every log it wrote)
+@pytest.fixture(scope="module")
+def open_server(tiny_db):
     with serving(tiny_db) as server:
-        requests.post(f"{server.url}/search", json={"query": "a red circle"}, timeout=120).raise_for_status()
-        sockets = listening([server.proc.pid])  # the driver, GCS, raylet, agents, workers and replicas
-        assert len(sockets) > 5 and {ip for ip, _, _ in sockets} <= LOOPBACK, sockets
-        print(f"{len(sockets)} listening sockets on {sorted({ip for ip, _, _ in sockets})}")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_db, keyfile):
+    with serving(tiny_db, "--api-key-file", keyfile) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def limited_server(tiny_db):
+    with serving(tiny_db, "--rate", "2", "--burst", "4", "--replicas", "Api=2") as server:
+        yield server
 
 
 def bearer(key):
     return {"Authorization": f"Bearer {key}"}
 
 
-def test_api_keys_guard_every_route_and_never_reach_a_log(tiny_db, keyfile):
-    with serving(tiny_db, "--api-key-file", keyfile) as server:
-        url = server.url
-        body = {"query": "a red circle", "k": 3}
-        for route, method in (("/search", "post"), ("/stats", "get"), ("/metrics", "get"), ("/", "get"),
-                              ("/openapi.json", "get"), ("/indices-list", "get"), ("/ladder", "get")):
-            r = getattr(requests, method)(f"{url}{route}", json=body, timeout=60)
-            assert r.status_code == 401 and "API key" in r.json()["error"], (route, r.status_code)
-            assert r.headers["WWW-Authenticate"].startswith("Bearer")
-        assert requests.post(f"{url}/search", json=body, headers=bearer("x" * 24), timeout=60).status_code == 401
-        assert requests.get(f"{url}/healthz", timeout=30).json() == {"ok": True}
-        hit = requests.post(f"{url}/search", json=body, headers=bearer(READ), timeout=60)
-        assert hit.status_code == 200 and len(hit.json()["results"]) == 3
-        image = hit.json()["results"][0]["id"]
-        assert requests.get(f"{url}/images/{image}", headers=bearer(READ), timeout=30).status_code == 200
-        assert requests.get(f"{url}/images/{image}", timeout=30).status_code == 401
-        assert requests.get(f"{url}/stats", headers=bearer(READ), timeout=30).status_code == 403  # admin routes
-        assert requests.get(f"{url}/stats", headers=bearer(ADMIN), timeout=30).json()["rows"] == 300
-        assert "bicascade_" in requests.get(f"{url}/metrics", headers=bearer(ADMIN), timeout=30).text
-        assert requests.get(f"{url}/?key={READ}", timeout=30).status_code == 200  # the page, opened from a link
-        assert requests.get(f"{url}/", auth=("anyone", READ), timeout=30).status_code == 200  # a browser's prompt
-        server.stop()
-    logs = server.stderr + "".join(p.read_text(errors="replace") for p in Path("/tmp/ray/session_latest/logs")
-                                   .rglob("*") if p.is_file() and p.stat().st_size < 50 << 20)
-    assert READ not in logs and ADMIN not in logs
+def test_the_local_cluster_listens_on_loopback_only(limited_server):
+    sockets = listening([limited_server.proc.pid])  # the driver, GCS, raylet, agents, workers and replicas
+    assert len(sockets) > 5 and {ip for ip, _, _ in sockets} <= LOOPBACK, sockets
+    print(f"{len(sockets)} listening sockets on {sorted({ip for ip, _, _ in sockets})}")
 
 
-def test_rate_limits_answer_429_across_ingress_replicas_then_recover(tiny_db):
-    with serving(tiny_db, "--rate", "2", "--burst", "4", "--replicas", "Api=2") as server:
-        t0 = time.monotonic()
-        answers = [requests.post(f"{server.url}/search", json={"query": "a blue star", "k": 3}, timeout=60)
-                   for _ in range(20)]
-        elapsed = time.monotonic() - t0
-        ok = [r for r in answers if r.status_code == 200]
-        limited = [r for r in answers if r.status_code == 429]
-        assert len(ok) + len(limited) == 20 and limited
-        assert len(ok) <= 4 + 2 * elapsed + 1  # one shared bucket for both replicas, not one each
-        assert all(int(r.headers["Retry-After"]) >= 1 and "rate limit" in r.json()["error"] for r in limited)
-        time.sleep(int(limited[-1].headers["Retry-After"]) + 1)
-        assert requests.post(f"{server.url}/search", json={"query": "a blue star"}, timeout=60).status_code == 200
-        assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200  # never limited
+def test_rate_limits_answer_429_across_ingress_replicas_then_recover(limited_server):
+    url = limited_server.url
+    t0 = time.monotonic()
+    answers = [requests.post(f"{url}/search", json={"query": "a blue star", "k": 3}, timeout=60) for _ in range(20)]
+    elapsed = time.monotonic() - t0
+    ok = [r for r in answers if r.status_code == 200]
+    limited = [r for r in answers if r.status_code == 429]
+    assert len(ok) + len(limited) == 20 and limited
+    assert len(ok) <= 4 + 2 * elapsed + 1  # one shared bucket for both replicas, not one each
+    assert all(int(r.headers["Retry-After"]) >= 1 and "rate limit" in r.json()["error"] for r in limited)
+    time.sleep(int(limited[-1].headers["Retry-After"]) + 1)
+    assert requests.post(f"{url}/search", json={"query": "a blue star"}, timeout=60).status_code == 200
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200  # never limited
+    assert limited_server.stop() == 0, limited_server.stderr[-4000:]  # its last test: one server up at a time
 
 
 def fuzz(url: str, *headers: str, examples: int = 25) -> dict:
@@ -103,14 +94,48 @@ def fuzz(url: str, *headers: str, examples: int = 25) -> dict:
     return {"output": out, "cases": sum(cases)}
 
 
-@pytest.mark.timeout(1200)
-def test_the_whole_api_fuzzed_from_its_schema_with_keys_off_and_on(tiny_db, keyfile):
-    with serving(tiny_db) as server:
-        off = fuzz(server.url)
-        assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200
-    with serving(tiny_db, "--api-key-file", keyfile) as server:
-        on = fuzz(server.url, f"Authorization: Bearer {ADMIN}")
-        assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200
-    print(json.dumps({"keys_off_cases": off["cases"], "keys_on_cases": on["cases"]}))
-    for run in (off, on):
-        assert "5xx" not in run["output"] and "Server error" not in run["output"]
+def assert_no_server_error(run: dict) -> None:
+    assert "5xx" not in run["output"] and "Server error" not in run["output"]
+
+
+def test_the_whole_api_fuzzed_from_its_schema_with_keys_off(open_server):
+    off = fuzz(open_server.url)
+    assert requests.get(f"{open_server.url}/healthz", timeout=30).status_code == 200
+    assert open_server.stop() == 0, open_server.stderr[-4000:]
+    print(json.dumps({"keys_off_cases": off["cases"]}))
+    assert_no_server_error(off)
+
+
+def test_the_whole_api_fuzzed_from_its_schema_with_keys_on(keyed_server):
+    on = fuzz(keyed_server.url, f"Authorization: Bearer {ADMIN}")
+    assert requests.get(f"{keyed_server.url}/healthz", timeout=30).status_code == 200
+    print(json.dumps({"keys_on_cases": on["cases"]}))
+    assert_no_server_error(on)
+
+
+def test_api_keys_guard_every_route_and_never_reach_a_log(keyed_server):
+    """The keyed server's last test: it stops the server to read every log, the fuzz's requests' included."""
+    server = keyed_server
+    url = server.url
+    body = {"query": "a red circle", "k": 3}
+    for route, method in (("/search", "post"), ("/stats", "get"), ("/metrics", "get"), ("/", "get"),
+                          ("/openapi.json", "get"), ("/indices-list", "get"), ("/ladder", "get")):
+        r = getattr(requests, method)(f"{url}{route}", json=body, timeout=60)
+        assert r.status_code == 401 and "API key" in r.json()["error"], (route, r.status_code)
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert requests.post(f"{url}/search", json=body, headers=bearer("x" * 24), timeout=60).status_code == 401
+    assert requests.get(f"{url}/healthz", timeout=30).json() == {"ok": True}
+    hit = requests.post(f"{url}/search", json=body, headers=bearer(READ), timeout=60)
+    assert hit.status_code == 200 and len(hit.json()["results"]) == 3
+    image = hit.json()["results"][0]["id"]
+    assert requests.get(f"{url}/images/{image}", headers=bearer(READ), timeout=30).status_code == 200
+    assert requests.get(f"{url}/images/{image}", timeout=30).status_code == 401
+    assert requests.get(f"{url}/stats", headers=bearer(READ), timeout=30).status_code == 403  # admin routes
+    assert requests.get(f"{url}/stats", headers=bearer(ADMIN), timeout=30).json()["rows"] == 300
+    assert "bicascade_" in requests.get(f"{url}/metrics", headers=bearer(ADMIN), timeout=30).text
+    assert requests.get(f"{url}/?key={READ}", timeout=30).status_code == 200  # the page, opened from a link
+    assert requests.get(f"{url}/", auth=("anyone", READ), timeout=30).status_code == 200  # a browser's prompt
+    server.stop()
+    logs = server.stderr + "".join(p.read_text(errors="replace") for p in Path("/tmp/ray/session_latest/logs")
+                                   .rglob("*") if p.is_file() and p.stat().st_size < 50 << 20)
+    assert READ not in logs and ADMIN not in logs

@@ -14,12 +14,27 @@ def isolated_cache():  # the module shares tiny_db's cache
     yield
 
 
-def test_serve_command_stops_cleanly_and_the_cache_survives_a_restart(tiny_db):
+def shed_under_overload(url: str) -> None:
+    """18 concurrent cold searches against --max-inflight 2: some get 503 + Retry-After, none fails otherwise, and
+    the next search is answered without a restart."""
+    bodies = [{"query": f"{n} {colour} {shape}s", "k": 10} for n in ("one", "two", "three")
+              for colour in ("green", "pink") for shape in ("circle", "square", "star")]
+    with cf.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: requests.post(f"{url}/search", json=b, timeout=120), bodies))
+    shed = [r for r in answers if r.status_code == 503]
+    assert shed and all(r.headers.get("Retry-After") == "1" and "overloaded" in r.json()["error"] for r in shed)
+    assert all(r.status_code in (200, 503) for r in answers) and len(shed) < len(answers)
+    assert requests.post(f"{url}/search", json=bodies[0], timeout=120).status_code == 200
+
+
+def test_serve_stops_cleanly_keeps_its_cache_across_a_restart_and_sheds_overload_with_503(tiny_db):
     body = {"query": "two small orange diamonds in a row", "k": 5}
     runs = []
-    for _ in range(2):
-        with serving(tiny_db) as server:  # no --ladder: the database's own
+    for flags in ((), ("--max-inflight", "2")):  # the restart also shows the in-flight bound
+        with serving(tiny_db, *flags) as server:  # no --ladder: the database's own
             runs.append(requests.post(f"{server.url}/search", json=body, timeout=120).json()["stats"]["levels"])
+            if flags:
+                shed_under_overload(server.url)
             assert server.stop() == 0, server.stderr[-4000:]
             assert f"serving {tiny_db} on {server.url}" in server.stderr
     assert sum(lv["encoded"] for lv in runs[0][1:]) > 0
@@ -50,17 +65,3 @@ def test_search_works_where_ray_cannot_be_imported(tiny_db, tmp_path):
                        env={"PYTHONPATH": str(tmp_path / "stub")})
     assert [r["id"] for r in without["results"]] == [r["id"] for r in with_ray["results"]]
     assert [r["score"] for r in without["results"]] == pytest.approx([r["score"] for r in with_ray["results"]])
-
-
-def test_overload_gets_503_with_retry_after_then_recovers(tiny_db):
-    with serving(tiny_db, "--max-inflight", "2") as server:
-        bodies = [{"query": f"{n} {colour} {shape}s", "k": 10} for n in ("one", "two", "three")
-                  for colour in ("green", "pink") for shape in ("circle", "square", "star")]
-        with cf.ThreadPoolExecutor(len(bodies)) as pool:
-            answers = list(pool.map(lambda b: requests.post(f"{server.url}/search", json=b, timeout=120), bodies))
-        shed = [r for r in answers if r.status_code == 503]
-        assert shed and all(r.headers.get("Retry-After") == "1" and "overloaded" in r.json()["error"] for r in shed)
-        assert all(r.status_code in (200, 503) for r in answers) and len(shed) < len(answers)
-        again = requests.post(f"{server.url}/search", json=bodies[0], timeout=120)  # recovered without a restart
-        assert again.status_code == 200
-        assert server.stop() == 0, server.stderr[-4000:]

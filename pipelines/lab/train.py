@@ -74,6 +74,8 @@ PROFILES = {p.name: p for p in [
     Profile("synthetic-spds", VIT, objective=SelfPruning(), start_from="synthetic-vit"),
     # the control for synthetic-spds: the independent ViTs of depths 2 and 6 trained on for the same 60,000 samples
     Profile("synthetic-vit-continued", (VIT[0], VIT[2]), start_from="synthetic-vit"),
+    # a model upgrade to migrate the demo db to: the default ladder's top level trained on for 60,000 more samples
+    Profile("synthetic-l-continued", ("bc-synth-l",), start_from="synthetic", schedule=Schedule(60_000, lr=5e-4)),
     Profile("synthetic-spds-scratch", VIT, objective=SelfPruning()),
     # the MLCE ablation on the cheapest level, where a small image tower should gain most: same arch and schedule
     Profile("synthetic-mlce", ("bc-synth-s",), objective=Clip(mlce_alpha=1.0)),

@@ -97,6 +97,7 @@ function render(doc, label) {
   bar.innerHTML = `<span style="width:${share.toFixed(1)}%"></span>`;
   cost.append(line, detail, bar);
   status(doc.results.length ? "" : "No results.");
+  window.scrollTo({ top: 0 });  // "More like this" is clicked far down the grid: show its summary and first result
 }
 
 async function search(body, label) {
