@@ -160,6 +160,8 @@ def test_config_yaml_is_a_valid_serve_config_for_the_app():
     doc = ServeDeploySchema.model_validate(yaml.safe_load(app.CONFIG_YAML.read_text()))
     spec = doc.applications[0]
     assert spec.import_path == "bicascade.serve.app:app_builder"
+    config = app.AppConfig(**spec.args)  # what app_builder is given
+    assert config.rate > 0 and config.burst >= config.rate  # rate limits on, as an operator deploys it
     names = {d.name for d in spec.deployments}
     assert names == {"Api", "Router", "Encoder0", "Encoder1", "Encoder2"}
     for d in spec.deployments:
