@@ -11,7 +11,7 @@ import ray
 from ray import serve
 
 from bicascade import cluster
-from bicascade.serve.app import AppConfig, build, runtime_env
+from bicascade.serve.app import AppConfig, Keys, build, runtime_env
 
 log = logging.getLogger("bicascade")
 
@@ -30,13 +30,15 @@ def start(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: st
     return deploy(config, host, port, name, route_prefix)
 
 
-def stop() -> None:
-    """Flush pending cache writes, then take Serve and the writers down (no Ray processes left behind)."""
-    try:
-        flushed = serve.get_app_handle("bicascade").options(method_name="flush").remote().result(timeout_s=60)
-        log.info("flushed %d cached embeddings", flushed)
-    except Exception as e:  # the app may never have come up
-        log.warning("could not flush the caches: %s", e)
+def stop(flush: bool = True) -> None:
+    """Flush pending cache writes (when the app came up), then take Serve and the writers down (no Ray processes
+    left behind)."""
+    if flush:
+        try:
+            flushed = serve.get_app_handle("bicascade").options(method_name="flush").remote().result(timeout_s=60)
+            log.info("flushed %d cached embeddings", flushed)
+        except Exception as e:  # a replica lost on the way out: what it held is gone, say so
+            log.warning("could not flush the caches: %s", e)
     serve.shutdown()
     ray.shutdown()
 
@@ -62,6 +64,8 @@ def follow(config: AppConfig, host: str, port: int, done: threading.Event, every
 
 def serve_forever(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, dashboard: bool = False) -> None:
     done = threading.Event()
+    Keys.load(config.api_keys)  # a bad key file fails before a cluster starts
+    url = None
     try:
         cluster.connect(runtime_env(), dashboard=dashboard)
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler that aborts
@@ -75,4 +79,4 @@ def serve_forever(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, 
         done.wait()
         log.info("stopping")
     finally:
-        stop()
+        stop(flush=url is not None)

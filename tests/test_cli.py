@@ -36,6 +36,14 @@ def test_bad_input_exits_nonzero_with_message():
     assert r.returncode == 2 and "comma-separated integers" in r.stderr
 
 
+def test_serve_refuses_a_bad_key_file_before_starting_a_cluster(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("short admin\n")
+    r = run("serve", "--db", str(tmp_path / "db"), "--api-key-file", str(keys), check=False)
+    assert r.returncode == 2 and "api keys line 1" in r.stderr and "key of 16+ characters" in r.stderr
+    assert "Ray instance" not in r.stderr and "Traceback" not in r.stderr  # refused before ray.init
+
+
 def test_eval_unknown_ladder():
     r = run("eval", "--ladder", "nope", "--json", check=False)
     assert r.returncode == 2 and "unknown ladder 'nope'" in r.stderr and r.stdout == ""
