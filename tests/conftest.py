@@ -82,6 +82,16 @@ def tiny_db(tiny_session, tmp_path_factory):
         yield copy
 
 
+def verified(db: str):
+    """`verify` against the database's recorded ladder, asserted clean; the report."""
+    from bicascade.storage import tables, verify
+
+    d = tables.Database(db)
+    report = verify.verify(d, [r["fingerprint"] for r in d.recorded_ladder()])
+    assert report.ok, report.problems
+    return report
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 right now (servers bind 127.0.0.1 only)."""
     with socket.socket() as s:

@@ -16,7 +16,7 @@ import requests
 from bicascade import query
 from bicascade.pipelines.lab import train
 
-from conftest import LOOPBACK, cli_json, free_port, listening, serving
+from conftest import LOOPBACK, cli_json, free_port, listening, serving, verified
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 LADDER = "synthetic-tiny"
@@ -130,7 +130,7 @@ def test_an_index_job_survives_the_loss_of_its_worker_node(tmp_path):
     """The only worker node (the head has no CPUs) is killed early in an index job and another joins: the lost and
     remaining work runs on the new node, and the job finishes with one row per image."""
     from bicascade.pipelines.lab import world
-    from bicascade.storage import tables, verify
+    from bicascade.storage import tables
 
     n = 3000  # seconds of work on this machine: most of it is left when the node dies
     root = world.make_world(tmp_path / "world", replace(world.tiny(), seed=2, train=5, val=5, test=n))
@@ -139,9 +139,9 @@ def test_an_index_job_survives_the_loss_of_its_worker_node(tmp_path):
         address = start_head()
         node = join(address, block=True)
         t0 = time.monotonic()
-        log = (tmp_path / "job.log").open("w")  # a file, not a pipe: a full pipe would stall the job
-        job = subprocess.Popen([sys.executable, "-c", INDEX, str(root / "test"), db, LADDER],
-                               env={**os.environ, **LOCAL, "RAY_ADDRESS": address}, stdout=log, stderr=log)
+        with (tmp_path / "job.log").open("w") as log:  # a file, not a pipe: a full pipe would stall the job
+            job = subprocess.Popen([sys.executable, "-c", INDEX, str(root / "test"), db, LADDER],
+                                   env={**os.environ, **LOCAL, "RAY_ADDRESS": address}, stdout=log, stderr=log)
         sources = Path(db) / f"{tables.SOURCES}.lance"
         while job.poll() is None and time.monotonic() - t0 < 240:
             if sources.is_dir() and tables.Database(db).count(tables.SOURCES) >= 64:
@@ -155,9 +155,7 @@ def test_an_index_job_survives_the_loss_of_its_worker_node(tmp_path):
         join(address)  # a replacement machine
         job.wait(timeout=600)
         assert job.returncode == 0, (tmp_path / "job.log").read_text()[-4000:]
-        d = tables.Database(db)
-        report = verify.verify(d, [r["fingerprint"] for r in d.recorded_ladder()])
-        assert report.ok, report.problems
+        report = verified(db)
         assert report.tables[0].rows == n == report.tables[1].rows and report.tables[1].duplicate_ids == 0
         print(json.dumps({"images": n, "written_before_kill": partial, "rows": report.tables[1].rows,
                           "duplicate_ids": 0, "finished_s_after_kill": round(time.monotonic() - killed, 1)}))

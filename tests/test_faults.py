@@ -19,7 +19,7 @@ import requests
 
 from bicascade.storage import cache, tables, verify
 
-from conftest import cli, cli_json, serving
+from conftest import cli, cli_json, serving, verified
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 LADDER = "synthetic-tiny"
@@ -28,13 +28,6 @@ LADDER = "synthetic-tiny"
 @pytest.fixture(autouse=True)
 def isolated_cache():  # the module shares tiny_db's cache
     yield
-
-
-def verified(db: str) -> verify.VerifyReport:
-    d = tables.Database(db)
-    report = verify.verify(d, [r["fingerprint"] for r in d.recorded_ladder()])
-    assert report.ok, report.problems
-    return report
 
 
 def copy_db(src: str, dst) -> str:
