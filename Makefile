@@ -25,7 +25,7 @@ lint: $(STAMP) ## ruff: the rules in pyproject.toml
 	$(BIN)/ruff check .
 
 test: lint browser ## lint, then the whole test suite
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: lint ## lint, then the tests that start no Ray and train nothing big (about a minute)
 	$(BIN)/python -m pytest -m "not slow and not ray" $(PYTEST_ARGS)

@@ -9,15 +9,11 @@ import ray
 from ray import serve
 
 from bicascade import images, models
+from bicascade.errors import StaleEncoder
 from bicascade.query import encode_stored
 from bicascade.storage import tables
 
 log = logging.getLogger("bicascade")
-
-
-class StaleEncoder(RuntimeError):
-    """A call meant for another model than this replica's: during a migration's rolling update an old router can
-    reach a new encoder. Refused, so no vector of one model lands in another's cache; the caller retries."""
 
 
 @serve.deployment  # options (autoscaling, queues, resources): serve/config.yaml

@@ -16,11 +16,10 @@ import ray
 from ray import serve
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from bicascade import costs
 from bicascade.actors import metrics
-from bicascade.cascade import Cascade, Level, dedup
+from bicascade.cascade import Cascade, Level, dedup, f_life
 from bicascade.errors import BadInputError, NotIndexedError
-from bicascade.query import LevelInfo, response
+from bicascade.levels import LevelInfo
 from bicascade.storage import cache, filters, tables
 
 log = logging.getLogger("bicascade")
@@ -296,7 +295,7 @@ class Router:
             keep = [n for n in keep if out.results[n].score >= req["min_score"]]
         out.results = [out.results[n] for n in keep[offset:offset + k]]
         uris = self._uris([r.id for r in out.results])
-        doc = response(out, uris, [i.name for i in self.infos], len({i.text for i in self.infos[:depth]}))
+        doc = out.to_json(uris, [i.name for i in self.infos], len({i.text for i in self.infos[:depth]}))
         self._count(out, depth, time.perf_counter() - t0)
         if depth == len(self.infos) > 1 and where is None and not offset and self.audit.sample():
             asyncio.get_running_loop().create_task(self._audit(vectors, [r.id for r in out.results], k))
@@ -376,7 +375,7 @@ class Router:
         gflops = [i.gflops for i in self.infos]
         return {"rows": rows, "queries": self.queries, "cutoffs": self.by_depth[len(self.infos)].cutoffs,
                 "live_p": {"window_s": window, "levels": live,
-                           "f_life_eq1": costs.f_life(gflops, min(1.0, live[0])) if live else None},
+                           "f_life_eq1": f_life(gflops, min(1.0, live[0])) if live else None},
                 "audit": self.audit.to_json(),
                 "levels": [{"model": self.infos[0].name, "cached": rows, "coverage": 1.0,
                             "gflops": self.infos[0].gflops}]

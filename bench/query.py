@@ -18,8 +18,8 @@ import numpy as np
 import requests
 from common import emit, free_port
 
-from bicascade import costs, query
-from bicascade.cascade import Cascade, DictCache
+from bicascade import query
+from bicascade.cascade import Cascade, DictCache, f_latency
 from bicascade.pipelines.lab import world
 from bicascade.pipelines.measure import evaluate
 from bicascade.serve import server
@@ -117,7 +117,7 @@ def cold_costs(db: str, queries: list[str]) -> dict:
     flops = [out[n]["image_gflops_per_query"] for n in ("2-level", "3-level")]
     out["f_latency_measured_flops"] = flops[0] / flops[1]
     out["f_latency_measured_seconds"] = out["2-level"]["rerank_ms"]["p50_ms"] / out["3-level"]["rerank_ms"]["p50_ms"]
-    out["f_latency_eq2"] = costs.f_latency([info.gflops for info in search.ladder.levels], [50, 14])
+    out["f_latency_eq2"] = f_latency([info.gflops for info in search.ladder.levels], [50, 14])
     return out
 
 

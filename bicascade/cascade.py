@@ -1,9 +1,10 @@
-"""Algorithm 1 (bi-encoder cascade search) as pure code over small interfaces: no Ray, no LanceDB."""
+"""Algorithm 1 (bi-encoder cascade search) as pure code over small interfaces, its cost model (Eq. 1, Eq. 2) and
+its response document: no Ray, no LanceDB, no torch."""
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -20,6 +21,27 @@ def default_cutoffs(n_levels: int) -> tuple[int, ...]:
         return DEFAULT_CUTOFFS[:r]
     first, last = DEFAULT_CUTOFFS[0], DEFAULT_CUTOFFS[-1]
     return tuple(int(round(first * (last / first) ** (j / (r - 1)))) for j in range(r))
+
+
+def f_life(costs: Sequence[float], p: float, reference: float | None = None) -> float:
+    """Eq. 1: lifetime cost of embedding the corpus with the top level (or `reference`, e.g. a ladder's top level
+    for a cascade that stops below it) over that of the cascade."""
+    if len(costs) < 2 and reference is None:
+        raise BadInputError("Eq. 1 needs a cascade of at least 2 levels")
+    if not 0 <= p <= 1:
+        raise BadInputError(f"p must lie in [0, 1], got {p}")
+    return (costs[-1] if reference is None else reference) / (costs[0] + p * sum(costs[1:]))
+
+
+def f_latency(costs: Sequence[float], cutoffs: Sequence[int]) -> float | None:
+    """Eq. 2: cold-cache encoding cost of [I_small, I_r] with cutoff m_1 over the deep cascade's (None below 3
+    levels)."""
+    if len(costs) < 3:
+        return None
+    levels = costs[1:]
+    if len(cutoffs) < len(levels):
+        raise BadInputError(f"a {len(costs)}-level cascade needs {len(levels)} cutoffs, got {list(cutoffs)}")
+    return cutoffs[0] * costs[-1] / sum(c * m for c, m in zip(levels, cutoffs))
 
 
 class CorpusIndex(Protocol):
@@ -113,6 +135,16 @@ class SearchOutput:
     @property
     def gflops(self) -> float:
         return sum(s.gflops for s in self.levels)
+
+    def to_json(self, uris: dict[str, str], names: Sequence[str], text_encodes: int) -> dict:
+        """The HTTP API's response document (DESIGN.md §3), with per-result provenance and the query's text
+        embeddings computed (one per distinct text tower)."""
+        return {"results": [{"id": r.id, "score": r.score, "uri": uris.get(r.id),
+                             "levels": [{"model": names[j], "score": s, "cached": j > 0 and r.cached[j - 1]}
+                                        for j, s in enumerate(r.scores)]} for r in self.results],
+                "stats": {"levels": [{k: v for k, v in asdict(s).items() if k != "gflops"} | {"gflops": s.gflops}
+                                     for s in self.levels], "ms": self.ms, "gflops": self.gflops,
+                          "text_encodes": text_encodes}}
 
 
 def rank(ids: Sequence[str], scores: np.ndarray) -> tuple[list[str], np.ndarray]:

@@ -1,5 +1,5 @@
-"""Per-level encoder cost (FLOPs counted on the real architecture, measured seconds), the paper's Eq. 1 / Eq. 2, and
-the `bicascade costs` report."""
+"""Per-level encoder cost (FLOPs counted on the real architecture, measured seconds) and the `bicascade costs`
+report (Eq. 1 / Eq. 2 themselves live in `bicascade.cascade`: the Router computes them and imports no torch)."""
 from __future__ import annotations
 
 import time
@@ -11,8 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bicascade import models
-from bicascade.cascade import DEFAULT_CUTOFFS
-from bicascade.errors import BadInputError
+from bicascade.cascade import DEFAULT_CUTOFFS, f_latency, f_life
 
 
 def _spec(model: str | models.ModelSpec) -> models.ModelSpec:
@@ -66,27 +65,6 @@ def measure_seconds(name: str, batch_size: int = 4, repeats: int = 3, device: st
         loaded.encode_pixels(pixels)  # .cpu() inside synchronises
         best = min(best, time.perf_counter() - t0)
     return best / batch_size
-
-
-def f_life(costs: Sequence[float], p: float, reference: float | None = None) -> float:
-    """Eq. 1: lifetime cost of embedding the corpus with the top level (or `reference`, e.g. a ladder's top level
-    for a cascade that stops below it) over that of the cascade."""
-    if len(costs) < 2 and reference is None:
-        raise BadInputError("Eq. 1 needs a cascade of at least 2 levels")
-    if not 0 <= p <= 1:
-        raise BadInputError(f"p must lie in [0, 1], got {p}")
-    return (costs[-1] if reference is None else reference) / (costs[0] + p * sum(costs[1:]))
-
-
-def f_latency(costs: Sequence[float], cutoffs: Sequence[int]) -> float | None:
-    """Eq. 2: cold-cache encoding cost of [I_small, I_r] with cutoff m_1 over the deep cascade's (None below 3
-    levels)."""
-    if len(costs) < 3:
-        return None
-    levels = costs[1:]
-    if len(cutoffs) < len(levels):
-        raise BadInputError(f"a {len(costs)}-level cascade needs {len(levels)} cutoffs, got {list(cutoffs)}")
-    return cutoffs[0] * costs[-1] / sum(c * m for c, m in zip(levels, cutoffs))
 
 
 @dataclass

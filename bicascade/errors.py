@@ -24,3 +24,9 @@ class BadInputError(BicascadeError, ValueError):
 
 class MissingWeightsError(BicascadeError, RuntimeError):
     """A checkpoint that is missing or does not fit, or pretrained weights that need the (unreachable) model hub."""
+
+
+class StaleEncoder(RuntimeError):
+    """A call meant for another model than this replica's: during a migration's rolling update an old router can
+    reach a new encoder. Refused, so no vector of one model lands in another's cache; the caller retries. Not a user's
+    error: nobody sees it."""

@@ -19,22 +19,11 @@ from PIL import Image
 
 from bicascade.errors import BadInputError, MissingWeightsError, UnknownNameError
 from bicascade.images import Preprocessor
+from bicascade.levels import ModelSpec  # the registry's entries; `models.ModelSpec` is the public name
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)  # the project's own architectures (tiny synthetic ladder, tests)
 HF_HUB = "hf-hub:"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One registry entry: an open_clip architecture (or `hf-hub:ORG/REPO`) plus where its weights come from."""
-
-    name: str
-    arch: str
-    pretrained: str | None = None  # open_clip pretrained tag (needs the model hub)
-    checkpoint: str | None = None  # local state-dict or open_clip checkpoint; takes precedence over `pretrained`
-    seed: int | None = None  # random weights from this seed (tests only): a bare ARCH level
-    keep_patches: float | None = None  # a ViT on this fixed fraction of its patch tokens: a cheaper, untrained level
 
 
 @dataclass(frozen=True)

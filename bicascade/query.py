@@ -1,37 +1,24 @@
-"""The query path without Ray: a ladder's levels (fingerprints, costs, text towers), the ladder a database
-remembers, encoding stored images by id, the in-process cascade and the response document. `bicascade search`,
-`eval` and `simulate` run on this alone; the Serve deployments in `actors/` are built on it."""
+"""The query path without Ray: resolving a ladder's levels (fingerprints, costs, text towers), the ladder a
+database remembers, encoding stored images by id, and the in-process cascade. `bicascade search`, `eval` and
+`simulate` run on this alone; the Serve deployments in `actors/` are built on it (the Router and the ingress on
+`bicascade.levels` only, which needs no torch)."""
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
 from bicascade import costs, images, models
-from bicascade.cascade import Cascade, Level, SearchOutput, default_cutoffs, validate
+from bicascade.cascade import Cascade, Level, default_cutoffs, validate
 from bicascade.errors import BadInputError, MissingWeightsError, NotIndexedError
+from bicascade.levels import LevelInfo, ResolvedLadder
 from bicascade.storage import cache, tables
 
 log = logging.getLogger("bicascade")
-
-
-@dataclass(frozen=True)
-class LevelInfo:
-    """What every process needs to know of a level without loading its weights."""
-
-    spec: models.ModelSpec
-    fingerprint: str  # keys the level's embedding table
-    dim: int
-    gflops: float  # image encoder, per image
-    text: int  # the first level with this level's text tower: whose text embedding this level uses
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
 
 
 def level_infos(specs: Sequence[models.ModelSpec]) -> list[LevelInfo]:
@@ -43,22 +30,6 @@ def level_infos(specs: Sequence[models.ModelSpec]) -> list[LevelInfo]:
         out.append(LevelInfo(spec, models.fingerprint(spec, pp_cfg), dim, costs.image_gflops(spec),
                              towers.index(tower)))
     return out
-
-
-@dataclass(frozen=True)
-class ResolvedLadder:
-    """A ladder as a database serves it: its name, and every level's spec and info."""
-
-    name: str
-    levels: list[LevelInfo]
-
-    @property
-    def names(self) -> list[str]:
-        return [lv.name for lv in self.levels]
-
-    @property
-    def specs(self) -> list[models.ModelSpec]:
-        return [lv.spec for lv in self.levels]
 
 
 def registered(name: str) -> ResolvedLadder:
@@ -150,17 +121,6 @@ def encode_stored(model: models.LoadedModel, db: tables.Database, ids: list[str]
 
 
 
-def response(out: SearchOutput, uris: dict[str, str], names: Sequence[str], text_encodes: int) -> dict:
-    """The HTTP API's response document (DESIGN.md §3), with per-result provenance and the query's text
-    embeddings computed (one per distinct text tower)."""
-    return {"results": [{"id": r.id, "score": r.score, "uri": uris.get(r.id),
-                         "levels": [{"model": names[j], "score": s, "cached": j > 0 and r.cached[j - 1]}
-                                    for j, s in enumerate(r.scores)]} for r in out.results],
-            "stats": {"levels": [{k: v for k, v in asdict(s).items() if k != "gflops"} | {"gflops": s.gflops}
-                                 for s in out.levels], "ms": out.ms, "gflops": out.gflops,
-                      "text_encodes": text_encodes}}
-
-
 class LocalSearch:
     """The cascade in this process: models loaded here, caches written back directly (call `close` at the end)."""
 
@@ -188,14 +148,14 @@ class LocalSearch:
 
     def search(self, text: str, k: int = 10) -> dict:
         out = self.cascade.search(text, k=k)
-        return response(out, self.db.uris([r.id for r in out.results]), self.ladder.names, self.cascade.text_encodes)
+        return out.to_json(self.db.uris([r.id for r in out.results]), self.ladder.names, self.cascade.text_encodes)
 
     def search_image(self, data: bytes, k: int = 10) -> dict:
         """More like this picture: each level embeds it with its own image tower, then the cascade runs as for text."""
         picture = images.load(data, max_pixels=images.MAX_UPLOAD_PIXELS).rgb
         vectors = [m.encode_images([picture])[0] for m in self.models]
         out = self.cascade.search(k=k, vectors=vectors)
-        return response(out, self.db.uris([r.id for r in out.results]), self.ladder.names, 0)
+        return out.to_json(self.db.uris([r.id for r in out.results]), self.ladder.names, 0)
 
     def close(self) -> None:
         for store in self.stores:

@@ -10,7 +10,6 @@ each client is rate-limited. The OpenAPI schema states every bound the server en
 import asyncio
 import base64
 import binascii
-import copy
 import hashlib
 import hmac
 import json
@@ -21,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-import ray
-import yaml
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -34,15 +31,10 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from bicascade import images, models
+from bicascade import images
 from bicascade.actors import metrics
-from bicascade.actors.encoder import Encoder, StaleEncoder
 from bicascade.actors.quota import Limiter, RateLimit
-from bicascade.actors.router import Router, RouterConfig
-from bicascade.cascade import default_cutoffs, validate
-from bicascade.errors import BadInputError, BicascadeError, NotIndexedError
-from bicascade.query import open_ladder
-from bicascade.storage import tables
+from bicascade.errors import BadInputError, NotIndexedError, StaleEncoder
 
 MAX_QUERY_CHARS = 1000
 MAX_BODY_BYTES = 16 * 1024  # JSON bodies; a search with an uploaded image may carry MAX_UPLOAD_B64 more
@@ -52,7 +44,6 @@ ID = r"^[A-Za-z0-9_-]{1,128}$"  # ids are opaque keys: nothing path-like gets ne
 THUMB_SIDES = (64, 1024)
 # a replica died mid-request (Serve replaces it) or a downstream queue is full: the client should retry
 RETRYABLE = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
-CONFIG_YAML = Path(__file__).with_name("config.yaml")
 PAGE = Path(__file__).with_name("page")
 
 
@@ -688,94 +679,3 @@ class Api:
                                                         "meta": json.loads(rows[i]["meta"]) if rows[i]["meta"] else {}}
                                   if i in rows else {}} for i in req.ids])
         return await self.answer("/metadata", request, work)
-
-
-# --- the app graph --------------------------------------------------------------------------------------------
-
-def shipped_app() -> dict:
-    """The application entry of serve/config.yaml: one source for `bicascade serve` and `serve deploy`."""
-    return yaml.safe_load(CONFIG_YAML.read_text())["applications"][0]
-
-
-def deployment_options() -> dict[str, dict]:
-    """Per-deployment options (autoscaling, queue bounds, resources) from serve/config.yaml."""
-    return {d.pop("name"): d for d in shipped_app()["deployments"]}
-
-
-def runtime_env() -> dict:
-    """The app's runtime_env from serve/config.yaml, which `bicascade serve` gives its Ray job."""
-    return shipped_app().get("runtime_env", {})
-
-
-def gpu_shares(gflops: list[float], gpus: float) -> list[float]:
-    """A GPU fraction per Encoder replica of each level: the cluster's GPUs split by level cost, so the costliest
-    level gets the most (each share between 0.05 and 1; replicas beyond what fits wait for the autoscaler)."""
-    if gpus <= 0:
-        return [0.0] * len(gflops)
-    total = sum(gflops) or 1.0
-    return [max(0.05, min(1.0, math.floor(100 * gpus * g / total) / 100)) for g in gflops]
-
-
-def encoder_options(opts: dict[str, dict], infos: list, gpus: float) -> list[dict]:
-    """Each level's deployment options from serve/config.yaml (the deepest entry serves deeper ladders), with a GPU
-    share added where the config names none and the cluster has GPUs."""
-    deepest = opts[max(n for n in opts if n.startswith("Encoder"))]
-    shares = gpu_shares([info.gflops for info in infos], gpus)
-    out = []
-    for j, share in enumerate(shares):
-        o = copy.deepcopy(opts.get(f"Encoder{j}", deepest))
-        actor = o.setdefault("ray_actor_options", {})
-        if share and "num_gpus" not in actor:
-            actor["num_gpus"] = share
-        out.append(o)
-    return out
-
-
-def planned(ladder, plan: dict) -> list:
-    """The levels of a planned cascade: a subsequence of the database's ladder that starts with its level 0."""
-    names = [lv.name for lv in ladder.levels]
-    if not plan["cascade"] or plan["cascade"][0] != names[0] or any(n not in names for n in plan["cascade"]) or \
-            [names.index(n) for n in plan["cascade"]] != sorted(names.index(n) for n in plan["cascade"]):
-        raise BadInputError(f"the plan's cascade {plan['cascade']} is not levels of {ladder.name} ({names}) starting "
-                            "with its level 0")
-    return [ladder.levels[names.index(n)] for n in plan["cascade"]]
-
-
-def build(config: AppConfig) -> serve.Application:
-    """The app graph: one Encoder per level, the Router over their handles, the HTTP ingress over the router."""
-    opts = deployment_options()
-    for name, n in config.replicas.items():
-        if name not in opts and not name.startswith("Encoder"):
-            raise BadInputError(f"replicas: no deployment {name!r} (Api, Router, Encoder0, ...)")
-        fixed = opts.setdefault(name, copy.deepcopy(opts[max(k for k in opts if k.startswith("Encoder"))]))
-        fixed.pop("autoscaling_config", None)
-        fixed["num_replicas"] = int(n)
-    ladder = open_ladder(tables.Database(config.db), config.ladder)
-    infos = ladder.levels
-    margin = None
-    if config.plan is not None:
-        infos = planned(ladder, config.plan)
-        config.cutoffs, margin = list(config.plan["cutoffs"]), config.plan.get("adaptive_margin")
-    for info in infos:  # a missing checkpoint or hub model fails here, not in a replica that Serve keeps restarting
-        models.preflight(info.spec)
-    cutoffs = list(config.cutoffs) if config.cutoffs is not None else list(default_cutoffs(len(infos)))
-    validate(len(infos), cutoffs)
-    Keys.load(config.api_keys)  # a bad key file fails here, in one line
-    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-    # specs, not names: a replica on another node needs no registry, only the checkpoint path
-    encoders = [Encoder.options(name=f"Encoder{j}", **o).bind(info.spec, config.db, config.encoder_threads)
-                for j, (info, o) in enumerate(zip(infos, encoder_options(opts, infos, gpus)))]
-    router = Router.options(**opts["Router"]).bind(config.db, infos, cutoffs, encoders,
-                                                   RouterConfig(**{"margin": margin, **config.router}))
-    levels = [{"model": info.name, "gflops": info.gflops} for info in infos]
-    return Api.options(**opts["Api"]).bind(router, cutoffs, config.max_inflight, ladder.name, levels, config)
-
-
-def app_builder(args: dict) -> serve.Application:
-    """`serve run bicascade.serve.app:app_builder db=...` and serve/config.yaml enter here."""
-    if "cutoffs" in args and isinstance(args["cutoffs"], str):
-        args = {**args, "cutoffs": json.loads(f"[{args['cutoffs']}]")}
-    known = set(AppConfig.__dataclass_fields__)
-    if set(args) - known:
-        raise BicascadeError(f"unknown app args {sorted(set(args) - known)}; known: {sorted(known)}")
-    return build(AppConfig(**args))

@@ -11,7 +11,8 @@ import ray
 from ray import serve
 
 from bicascade import cluster
-from bicascade.serve.app import AppConfig, Keys, build, runtime_env
+from bicascade.serve.app import AppConfig, Keys
+from bicascade.serve.build import build, runtime_env
 
 log = logging.getLogger("bicascade")
 

@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from bicascade.serve.app import CONFIG_YAML
+from bicascade.serve.build import CONFIG_YAML
 
 from conftest import free_port, wait_healthy
 

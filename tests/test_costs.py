@@ -2,6 +2,7 @@
 import pytest
 
 from bicascade import costs
+from bicascade.cascade import f_latency, f_life
 from bicascade.errors import BadInputError
 
 # Image-encoder GFLOPs per image (2 x MACs) of the paper's ladders, computed by hand from the
@@ -17,14 +18,14 @@ def test_image_gflops_match_architecture(name):
 
 def test_eq1_eq2():
     c = [35.13, 162.03, 534.06]
-    assert costs.f_life([c[0], c[2]], 0.1) == pytest.approx(534.06 / (35.13 + 53.406))
-    assert costs.f_life(c, 0.1) == pytest.approx(534.06 / (35.13 + 0.1 * (162.03 + 534.06)))
-    assert costs.f_latency(c, [50, 14]) == pytest.approx(50 * 534.06 / (162.03 * 50 + 534.06 * 14))
-    assert costs.f_latency(c[:2], [50]) is None
+    assert f_life([c[0], c[2]], 0.1) == pytest.approx(534.06 / (35.13 + 53.406))
+    assert f_life(c, 0.1) == pytest.approx(534.06 / (35.13 + 0.1 * (162.03 + 534.06)))
+    assert f_latency(c, [50, 14]) == pytest.approx(50 * 534.06 / (162.03 * 50 + 534.06 * 14))
+    assert f_latency(c[:2], [50]) is None
     with pytest.raises(BadInputError, match="p must lie"):
-        costs.f_life(c, 1.5)
+        f_life(c, 1.5)
     with pytest.raises(BadInputError, match="needs 2 cutoffs"):
-        costs.f_latency(c, [50])
+        f_latency(c, [50])
 
 
 def test_report_shape_and_single_level_reference():

@@ -6,7 +6,8 @@ import requests
 from ray import serve
 
 from bicascade import cluster
-from bicascade.serve import app, server
+from bicascade.serve import build, server
+from bicascade.serve.app import AppConfig
 
 from conftest import free_port
 
@@ -19,22 +20,22 @@ def isolated_cache():  # the module shares tiny_db's cache
 
 
 def test_shares_follow_level_cost():
-    assert app.gpu_shares([1.0, 4.0, 15.0], 0) == [0.0, 0.0, 0.0]
-    assert app.gpu_shares([1.0, 4.0, 15.0], 1) == [0.05, 0.2, 0.75]
-    assert app.gpu_shares([1.0, 4.0, 15.0], 2) == [0.1, 0.4, 1.0]  # no replica takes more than one GPU
+    assert build.gpu_shares([1.0, 4.0, 15.0], 0) == [0.0, 0.0, 0.0]
+    assert build.gpu_shares([1.0, 4.0, 15.0], 1) == [0.05, 0.2, 0.75]
+    assert build.gpu_shares([1.0, 4.0, 15.0], 2) == [0.1, 0.4, 1.0]  # no replica takes more than one GPU
 
 
 def test_encoder_replicas_request_and_get_their_gpu_share(tiny_db):
-    cluster.connect(app.runtime_env(), num_gpus=2)  # two logical GPUs
+    cluster.connect(build.runtime_env(), num_gpus=2)  # two logical GPUs
     try:
-        url = server.deploy(app.AppConfig(db=tiny_db), port=free_port())
+        url = server.deploy(AppConfig(db=tiny_db), port=free_port())
         assert requests.post(f"{url}/search", json={"query": "a red circle", "k": 5}, timeout=120).status_code == 200
         infos = [serve.get_deployment_handle(f"Encoder{j}", "bicascade").info.remote().result() for j in range(3)]
         from bicascade import query
         from bicascade.storage import tables
 
         levels = query.open_ladder(tables.Database(tiny_db), None).levels
-        want = app.gpu_shares([lv.gflops for lv in levels], 2)
+        want = build.gpu_shares([lv.gflops for lv in levels], 2)
         got = {j: info["resources"].get("GPU", 0) for j, info in enumerate(infos)}  # what each replica was given
         assert got == dict(enumerate(want)), (got, want)
         # nothing else (router, ingress, proxy) holds a GPU: the cluster has exactly the rest left

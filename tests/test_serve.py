@@ -155,11 +155,11 @@ def test_config_yaml_is_a_valid_serve_config_for_the_app():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from bicascade.serve import app
+    from bicascade.serve import app, build
 
-    doc = ServeDeploySchema.model_validate(yaml.safe_load(app.CONFIG_YAML.read_text()))
+    doc = ServeDeploySchema.model_validate(yaml.safe_load(build.CONFIG_YAML.read_text()))
     spec = doc.applications[0]
-    assert spec.import_path == "bicascade.serve.app:app_builder"
+    assert spec.import_path == "bicascade.serve.build:app_builder"
     config = app.AppConfig(**spec.args)  # what app_builder is given
     assert config.rate > 0 and config.burst >= config.rate  # rate limits on, as an operator deploys it
     names = {d.name for d in spec.deployments}

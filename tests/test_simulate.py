@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bicascade import costs, query
+from bicascade.cascade import f_latency, f_life
 from bicascade.pipelines.lab import train
 from bicascade.pipelines.measure import evaluate, simulate
 
@@ -75,7 +76,7 @@ def test_replay_through_the_real_cascade(tiny_db):
     # measured F_life is Eq. 1 at the measured coverage; the deeper cascade's top level encodes less than p
     row = simulate.summarise(corpus, stream, two, CFG.p)
     assert two.encoded[:, 1].sum() == round(stream.coverage * corpus.n)
-    assert row.f_life_measured == pytest.approx(costs.f_life([corpus.gflops[0], corpus.gflops[top]],
+    assert row.f_life_measured == pytest.approx(f_life([corpus.gflops[0], corpus.gflops[top]],
                                                              stream.coverage), rel=1e-9)
     deep_row = simulate.summarise(corpus, stream, deep, CFG.p)
     assert deep_row.coverage_per_level[2] < deep_row.coverage_per_level[1] <= stream.coverage + 1e-9
@@ -109,7 +110,7 @@ def test_simulate_command_replays_over_http_and_writes_the_report(tiny_db, tmp_p
     assert http["f_life_measured"] == pytest.approx(local["f_life_measured"])
     assert [s["p_requested"] for s in doc["sweep"]] == [0.2, 0.5]
     assert doc["sweep"][0]["p_measured"] < doc["sweep"][1]["p_measured"]
-    assert doc["f_latency_eq2"] == pytest.approx(costs.f_latency(
+    assert doc["f_latency_eq2"] == pytest.approx(f_latency(
         [costs.image_gflops(n) for n in http["cascade"]], [20, 10]))
     for name in ("cost.png", "hit_rate.png", "latency.png", "frontier.png", "sweep.png"):
         assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

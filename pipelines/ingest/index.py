@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from bicascade import cluster, images, models, query
 from bicascade.errors import BadInputError, NotIndexedError
+from bicascade.levels import ResolvedLadder
 from bicascade.pipelines.ingest import sources
 from bicascade.storage import tables
 
@@ -181,7 +182,7 @@ class Writer:
         self.images, self.ids, self.vectors, self.ledger, self.errors, self.bytes = [], [], [], [], [], 0
 
 
-def resolve_ladder(db: tables.Database, ladder: str | None) -> query.ResolvedLadder:
+def resolve_ladder(db: tables.Database, ladder: str | None) -> ResolvedLadder:
     """The ladder to index with: `ladder`, else the one the database remembers; a fresh database needs a name."""
     try:
         return query.open_ladder(db, ladder)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from bicascade import cluster, images, models, query
 from bicascade.errors import BadInputError, NotIndexedError
+from bicascade.levels import LevelInfo
 from bicascade.pipelines.ingest.index import Encoder
 from bicascade.storage import cache, tables
 
@@ -154,7 +155,7 @@ def migrate(db_uri: str, ladder: str, warm: bool = False) -> MigrateReport:
 class Level0Writer:
     """The new corpus table's single writer, in bounded batches."""
 
-    def __init__(self, db: tables.Database, info: query.LevelInfo, flush_rows: int = 1024) -> None:
+    def __init__(self, db: tables.Database, info: LevelInfo, flush_rows: int = 1024) -> None:
         self.db, self.name, self.schema = db, tables.emb_table(info.fingerprint), tables.emb_schema(info.dim)
         self.dim, self.flush_rows = info.dim, flush_rows
         self.ids: list[str] = []

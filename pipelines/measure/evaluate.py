@@ -10,10 +10,10 @@ import numpy as np
 from tqdm import tqdm
 
 from bicascade import costs, images, models
-from bicascade.cascade import default_cutoffs, validate
+from bicascade.cascade import default_cutoffs, f_life, validate
 from bicascade.errors import BadInputError, NotIndexedError
+from bicascade.levels import ResolvedLadder
 from bicascade.pipelines.lab import world
-from bicascade.query import ResolvedLadder
 from bicascade.storage import tables
 
 log = logging.getLogger("bicascade")
@@ -198,7 +198,7 @@ def evaluate(world_root: str | Path, ladder: ResolvedLadder, cutoffs: Sequence[i
         queries=len(queries), images=len(paths), p=p, db=db,
         levels=[LevelRecall(info.name, info.gflops, recall_of([j], [])) for j, info in enumerate(infos)],
         cascades=[CascadeRecall([infos[j].name for j in levels], m, recall_of(levels, m, margin),
-                                costs.f_life([infos[j].gflops for j in levels], p, infos[-1].gflops), margin)
+                                f_life([infos[j].gflops for j in levels], p, infos[-1].gflops), margin)
                   for levels, m, margin in subsets],
         text={"encodes_per_query": len(towers), "levels": len(infos),
               "gflops_per_query": sum(costs.text_gflops(infos[t].spec) for t in towers),

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bicascade import costs
+from bicascade.cascade import f_life
 from bicascade.errors import BadInputError
+from bicascade.levels import ResolvedLadder
 from bicascade.pipelines.measure import evaluate, simulate
-from bicascade.query import ResolvedLadder
 
 log = logging.getLogger("bicascade")
 M1_GRID = (10, 14, 20, 30, 50, 100, 200)
@@ -130,7 +130,7 @@ def plan(db: str, ladder: ResolvedLadder, world_root: str | Path, p: float = 0.1
         found.append(Candidate(
             cascade=[ladder.names[j] for j in levels], cutoffs=cut, adaptive_margin=margin,
             recall=evaluate.recall(topk, truth),
-            f_life_eq1=costs.f_life(c, stream.coverage, gflops[top]),  # Eq. 1 against the ladder's top level
+            f_life_eq1=f_life(c, stream.coverage, gflops[top]),  # Eq. 1 against the ladder's top level
             f_life_measured=n * gflops[top] / spent, encoded_per_query=[round(s, 2) for s in sent],
             coverage=[float(r.mean()) for r in reached]))
     frontier = pareto(found)

@@ -21,11 +21,12 @@ import requests
 from tqdm import tqdm
 
 from bicascade import costs, images, models
-from bicascade.cascade import Cascade, DictCache, ExactIndex, Level, default_cutoffs, validate
+from bicascade.cascade import Cascade, DictCache, ExactIndex, Level, default_cutoffs, f_latency, f_life, validate
 from bicascade.errors import BadInputError
+from bicascade.levels import ResolvedLadder
 from bicascade.pipelines.lab import world
 from bicascade.pipelines.measure import evaluate, report
-from bicascade.query import ResolvedLadder, encode_stored
+from bicascade.query import encode_stored
 from bicascade.storage import tables
 
 log = logging.getLogger("bicascade")
@@ -325,7 +326,7 @@ def summarise(corpus: Corpus, stream: Stream, trace: Trace, p: float, seed: int 
     return CascadeRun(
         cascade=[corpus.names[j] for j in trace.levels], m=trace.cutoffs, recall=recall(trace.rank),
         recall_ci=recall_ci(trace.rank, stream.truth, seed),
-        f_life_eq1=costs.f_life(c, stream.coverage) if len(c) > 1 else corpus.gflops[-1] / c[0],
+        f_life_eq1=f_life(c, stream.coverage) if len(c) > 1 else corpus.gflops[-1] / c[0],
         p_requested=p, p_measured=stream.coverage, topics=stream.topics, queries=q,
         coverage_per_level=[1.0] + [float(e / n) for e in encoded[1:]], f_life_measured=uncascaded / spent,
         f_life_measured_seconds=None if trace.http else n * corpus.seconds[-1] / spent_s, cache_hit_rate=float(hit),
@@ -436,7 +437,7 @@ def run_stream(corpus: Corpus, ladder: ResolvedLadder, cfg: SimConfig, report_di
     f_lat = f_lat_eq2 = None
     if deep is not None and shallow is not None:
         f_lat = float(shallow.ms[:EARLY].mean() / deep.ms[:EARLY].mean())
-        f_lat_eq2 = costs.f_latency([corpus.gflops[j] for j in deep.levels], deep.cutoffs)
+        f_lat_eq2 = f_latency([corpus.gflops[j] for j in deep.levels], deep.cutoffs)
     sweep_rows = []
     for p in sweep:
         st = make_stream(corpus, replace(cfg, p=p))
