@@ -1,6 +1,7 @@
-"""Serving memory over a long stream: the RSS of every serving replica (ingress, router, encoders) after 1,000 and
-after 50,000 queries of a p-small-world-like stream (the world's held-out captions, topics re-asked, new captions
-keep missing the text cache), through `bicascade serve` on 127.0.0.1. Prints JSON. Not a test.
+"""Serving memory over a long stream: the RSS of every serving replica (ingress, router, encoders) and of the cache
+writers after 1,000 and after 50,000 queries of a p-small-world-like stream (the world's held-out captions, topics
+re-asked, new captions keep missing the text cache), through `bicascade serve` on 127.0.0.1. Prints JSON. Not a
+test.
 
     python bench/rss.py [--db work/db] [--queries 50000] [--clients 8] [--out bench/results/rss_cpu.json]
 """
@@ -28,12 +29,12 @@ from bicascade.storage import tables
 
 
 def replicas() -> dict[str, float]:
-    """RSS in MiB of each Serve replica process of this machine, by deployment."""
+    """RSS in MiB of each Serve replica process of this machine, by deployment, and of the cache writers (summed)."""
     out: dict[str, float] = {}
     for p in psutil.process_iter(["cmdline"]):
         name = " ".join(p.info["cmdline"] or [])
-        for dep in ("Api", "Router", "Encoder0", "Encoder1", "Encoder2"):
-            if name.startswith("ray::ServeReplica:bicascade:" + dep):
+        for dep in ("Api", "Router", "Encoder0", "Encoder1", "Encoder2", "CacheWriter"):
+            if name.startswith(("ray::ServeReplica:bicascade:" + dep, "ray::" + dep)):
                 with contextlib.suppress(psutil.NoSuchProcess):
                     out[dep] = out.get(dep, 0.0) + p.memory_info().rss / 2**20
     return {k: round(v, 1) for k, v in sorted(out.items())}

@@ -10,7 +10,7 @@ import threading
 import ray
 from ray import serve
 
-from bicascade import cluster
+from bicascade.pipelines.ingest import cluster
 from bicascade.serve.app import AppConfig, Keys
 from bicascade.serve.build import build, runtime_env
 

@@ -5,7 +5,7 @@ import ray
 import requests
 from ray import serve
 
-from bicascade import cluster
+from bicascade.pipelines.ingest import cluster
 from bicascade.serve import build, server
 from bicascade.serve.app import AppConfig
 

@@ -62,7 +62,7 @@ def test_lower_layers_never_import_higher_ones():
     order = ["bicascade", "bicascade.model_configs", "bicascade.errors", "bicascade.levels", "bicascade.images",
              "bicascade.models",
              "bicascade.cascade", "bicascade.costs",
-             "bicascade.ladders", "bicascade.storage", "bicascade.query", "bicascade.cluster", "bicascade.actors",
+             "bicascade.ladders", "bicascade.storage", "bicascade.query", "bicascade.actors",
              "bicascade.pipelines", "bicascade.serve", "bicascade.cli"]
 
     def layer(mod: str) -> int:

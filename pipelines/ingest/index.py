@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from bicascade import cluster, images, models, query
+from bicascade import images, models, query
 from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import ResolvedLadder
-from bicascade.pipelines.ingest import sources
+from bicascade.pipelines.ingest import cluster, sources
 from bicascade.storage import tables
 
 log = logging.getLogger("bicascade")

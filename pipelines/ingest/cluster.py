@@ -12,7 +12,7 @@ import warnings
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
-SETUP_HOOK = "bicascade.cluster.loopback_grpc"
+SETUP_HOOK = "bicascade.pipelines.ingest.cluster.loopback_grpc"
 
 
 def connect(runtime_env: dict | None = None, dashboard: bool = False, **kwargs: Any) -> None:
