@@ -188,7 +188,8 @@ def rss_section(results: Path, out: Path) -> str | None:
     rows = ["| queries | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     rows += [f"| {n} | " + " | ".join(str(m["rss_mib"].get(k, "")) for k in names) + " |" for n, m in marks.items()]
     return (f"## Serving memory (`bench/rss.py`)\n\nRSS in MiB of the serving replicas over a {doc['queries']}-query "
-            f"stream with {doc['clients']} clients:\n\n" + "\n".join(rows))
+            f"stream with {doc['clients']} clients (CacheWriter: every level's cache writer, summed):\n\n"
+            + "\n".join(rows))
 
 
 SECTIONS: list[Section] = [
