@@ -220,7 +220,7 @@ class Router:
             fresh = await asyncio.gather(*[self.encoders[t].encode_texts.remote((query, self.infos[t].fingerprint))
                                            for t in missing])
             for t, v in zip(missing, fresh):
-                self.texts.put((t, query), v)
+                self.texts.put((t, query), np.array(v))  # a copy: Ray's reply buffer is not pinned by the cache
                 got[t] = v
         self.metrics.inc("bicascade_text_cache_hits_total", len(got) - len(missing))
         self.metrics.inc("bicascade_text_encodes_total", len(missing))

@@ -43,6 +43,7 @@ class LruVectors:
 
     def put(self, vectors: dict[str, np.ndarray]) -> None:
         for i, v in vectors.items():
+            v = np.array(v)  # a copy: a row view would keep its whole batch (a Ray reply, an Arrow column) alive
             old = self.items.pop(i, None)
             self.bytes += v.nbytes - (old.nbytes if old is not None else 0)
             self.items[i] = v

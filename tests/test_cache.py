@@ -24,6 +24,15 @@ def test_the_front_is_bounded_in_bytes_and_evicts_the_least_recently_used():
     assert "i1" not in front.items and "i0" in front.items and "new" in front.items
 
 
+def test_a_row_of_a_batch_does_not_keep_the_batch_alive():
+    """The bound counts each vector's bytes, so a row must not be a view that pins the batch it came in."""
+    batch = np.ones((1000, 8), np.float32)
+    front = cache.LruVectors(max_bytes=10 * 32)
+    front.put({"a": batch[0]})
+    stored = front.items["a"]
+    assert stored.base is None and stored.nbytes == 32 and np.array_equal(stored, batch[0])
+
+
 def test_pending_rows_stay_readable_whatever_the_front_evicts(tmp_path):
     store = cache.LevelCache(tables.Database(str(tmp_path)), "fp", 8, flush_rows=1000, flush_s=3600, front_bytes=64)
     store.put([f"i{n}" for n in range(20)], np.stack([vec(n) for n in range(20)]))
