@@ -67,7 +67,7 @@ def encoder_options(opts: dict[str, dict], infos: list[LevelInfo], gpus: float) 
 
 def planned(ladder: ResolvedLadder, plan: dict) -> list[LevelInfo]:
     """The levels of a planned cascade: a subsequence of the database's ladder that starts with its level 0."""
-    names = [lv.name for lv in ladder.levels]
+    names = ladder.names
     if not plan["cascade"] or plan["cascade"][0] != names[0] or any(n not in names for n in plan["cascade"]) or \
             [names.index(n) for n in plan["cascade"]] != sorted(names.index(n) for n in plan["cascade"]):
         raise BadInputError(f"the plan's cascade {plan['cascade']} is not levels of {ladder.name} ({names}) starting "
