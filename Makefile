@@ -55,6 +55,7 @@ figures: $(STAMP) ## re-measure everything docs/RESULTS.md shows (hours on 2 cor
 	$(BIN)/python bench/query.py --out $(R)/query_cpu.json
 	$(BIN)/python bench/build.py --out $(R)/build_cpu.json
 	$(BIN)/python bench/rss.py --out $(R)/rss_cpu.json
+	$(BIN)/python bench/audit.py --out $(R)/audit_cpu.json
 	$(BIN)/python bench/stream.py --out $(R)/simulate_synthetic_100k.json
 	$(BIN)/python bench/million.py --out $(R)/million_cpu.json
 	$(BIN)/python bench/results.py

@@ -22,7 +22,12 @@ SERIES = [
     ("bicascade_text_cache_hits_total", "counter", "Query text embeddings served from the router's cache", ()),
     ("bicascade_text_encodes_total", "counter", "Query text embeddings computed by an encoder", ()),
     ("bicascade_cache_rows", "gauge", "Rows of a level's embedding table (level 0: the corpus)", ("level", "model")),
-    ("bicascade_audit_recall", "gauge", "Live estimate of the recall@k the cutoffs keep (sampled queries)", ()),
+    ("bicascade_audit_queries_total", "counter", "Queries the recall audit ranked deeper", ()),
+    ("bicascade_audit_recall_kept_total", "counter",
+     "Sum over audited queries of the share of the deeper top k the served results kept (/ queries: the recall kept)",
+     ()),
+    ("bicascade_audit_images_encoded_total", "counter", "Images the audit's top level embedded (not cached)", ()),
+    ("bicascade_audit_encoder_gflops_total", "counter", "Image-encoder GFLOPs the audit spent", ()),
     ("bicascade_live_coverage", "gauge", "Fraction of the corpus a level's cache holds: the live p", ("level",)),
 ]
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -70,6 +75,7 @@ class MetricsHub:
         make = {"counter": Counter, "gauge": Gauge,
                 "histogram": lambda n, h, labels, registry: Histogram(n, h, labels, registry=registry, buckets=BUCKETS)}
         self.series = {}
+        self.sums: dict[str, float] = defaultdict(float)  # every counter summed over its labels, for /stats
         for name, kind, about, labels in SERIES:
             metric = make[kind](name.removesuffix("_total") if kind == "counter" else name, about, labels,
                                 registry=self.registry)
@@ -78,6 +84,7 @@ class MetricsHub:
     def add(self, counts: dict, observations: dict, gauges: dict) -> None:
         for (name, labels), value in counts.items():
             self._child(name, labels).inc(value)
+            self.sums[name] += value
         for (name, labels), values in observations.items():
             child = self._child(name, labels)
             for v in values:
@@ -88,6 +95,9 @@ class MetricsHub:
     def _child(self, name: str, labels: tuple):
         metric = self.series[name]
         return metric.labels(**dict(labels)) if labels else metric
+
+    def totals(self) -> dict[str, float]:
+        return dict(self.sums)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest

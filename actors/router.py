@@ -115,31 +115,21 @@ class HitBuffer:
 
 
 class Audit:
-    """A sample of live queries ranked deeper: the recall@k the cutoffs keep, estimated online."""
+    """Which live queries to rank deeper (a seeded sample); what the audits find is counted in the metrics hub, so
+    the estimate covers every router replica."""
 
     def __init__(self, fraction: float, seed: int = 0) -> None:
         self.fraction, self.rng = fraction, np.random.default_rng(seed)
-        self.queries = 0
-        self.kept = 0.0
-        self.encoded = 0
-        self.gflops = 0.0
 
     def sample(self) -> bool:
         return self.fraction > 0 and self.rng.random() < self.fraction
 
-    def add(self, kept: float, encoded: int, gflops: float) -> None:
-        self.queries += 1
-        self.kept += kept
-        self.encoded += encoded
-        self.gflops += gflops
-
-    @property
-    def recall(self) -> float | None:
-        return self.kept / self.queries if self.queries else None
-
-    def to_json(self) -> dict:
-        return {"fraction": self.fraction, "queries": self.queries, "recall_kept": self.recall,
-                "images_encoded": self.encoded, "gflops": self.gflops}
+    def summary(self, totals: dict[str, float]) -> dict:
+        n = totals.get("bicascade_audit_queries_total", 0.0)
+        return {"fraction": self.fraction, "queries": int(n),
+                "recall_kept": totals.get("bicascade_audit_recall_kept_total", 0.0) / n if n else None,
+                "images_encoded": int(totals.get("bicascade_audit_images_encoded_total", 0.0)),
+                "gflops": totals.get("bicascade_audit_encoder_gflops_total", 0.0)}
 
 
 class Lru:
@@ -316,15 +306,17 @@ class Router:
             found |= await asyncio.to_thread(self.stores[top - 1].remembered_or_stored, rest)
             missing = [i for i in ids if i not in found]
             if missing:
-                vectors = await self.encoders[top].encode_images.remote((missing, self.infos[top].fingerprint))
-                fresh = dict(zip(missing, vectors))
+                fresh = dict(zip(missing, await self.encoders[top].encode_images.remote(
+                    (missing, self.infos[top].fingerprint))))
                 self.audit_front.put(fresh)  # popular topics are audited again: their extra embeddings are kept here
                 found |= fresh
             scores = np.stack([found[i] for i in ids]) @ vectors[top]
             truth = [ids[n] for n in np.argsort(-scores, kind="stable")[:k]]
-            self.audit.add(len(set(truth) & set(served[:k])) / max(1, min(k, len(truth))), len(missing),
-                           len(missing) * self.infos[top].gflops)
-            self.metrics.set("bicascade_audit_recall", self.audit.recall)
+            self.metrics.inc("bicascade_audit_queries_total")
+            self.metrics.inc("bicascade_audit_recall_kept_total",
+                             len(set(truth) & set(served[:k])) / max(1, min(k, len(truth))))
+            self.metrics.inc("bicascade_audit_images_encoded_total", len(missing))
+            self.metrics.inc("bicascade_audit_encoder_gflops_total", len(missing) * self.infos[top].gflops)
         except Exception as e:  # the audit must never disturb serving
             log.warning("recall audit failed: %s", e)
 
@@ -376,7 +368,7 @@ class Router:
         return {"rows": rows, "queries": self.queries, "cutoffs": self.by_depth[len(self.infos)].cutoffs,
                 "live_p": {"window_s": window, "levels": live,
                            "f_life_eq1": f_life(gflops, min(1.0, live[0])) if live else None},
-                "audit": self.audit.to_json(),
+                "audit": self.audit.summary(ray.get(self.hub.totals.remote())),
                 "levels": [{"model": self.infos[0].name, "cached": rows, "coverage": 1.0,
                             "gflops": self.infos[0].gflops}]
                 + [{"model": i.name, "cached": c, "coverage": c / rows if rows else 0.0, "gflops": i.gflops}

@@ -21,6 +21,7 @@ import psutil
 import requests
 from common import emit, free_port
 
+from bicascade import query
 from bicascade.pipelines.lab import world
 from bicascade.pipelines.measure import evaluate
 from bicascade.serve import server
@@ -38,6 +39,18 @@ def replicas() -> dict[str, float]:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     out[dep] = out.get(dep, 0.0) + p.memory_info().rss / 2**20
     return {k: round(v, 1) for k, v in sorted(out.items())}
+
+
+def cache_tables(db: tables.Database, infos) -> dict[str, dict[str, int]]:
+    """Each upper level's cache table: rows, fragments and versions (many small commits fragment a table)."""
+    out = {}
+    for info in infos[1:]:
+        name = tables.emb_table(info.fingerprint)
+        if db.has(name):
+            ds = db.dataset(name)
+            out[info.name] = {"rows": ds.count_rows(), "fragments": len(ds.get_fragments()),
+                              "versions": len(ds.versions())}
+    return out
 
 
 def main() -> None:
@@ -60,6 +73,7 @@ def main() -> None:
     try:
         db = str(tmp / "db")
         shutil.copytree(args.db, db)
+        infos = query.open_ladder(tables.Database(db), None).levels
         url = server.start(AppConfig(db=db, rate=0), port=free_port())
         marks, done, t0 = {}, 0, time.monotonic()
         try:
@@ -73,8 +87,9 @@ def main() -> None:
                     statuses = list(pool_.map(one, stream[start:start + 1000]))
                     done += len(statuses)
                     assert set(statuses) == {200}, statuses
-                    if done in (1000, 10_000, 25_000, args.queries):
-                        marks[done] = {"rss_mib": replicas(), "seconds": round(time.monotonic() - t0)}
+                    if done in (1000, 5000, 10_000, 25_000, args.queries):
+                        marks[done] = {"rss_mib": replicas(), "seconds": round(time.monotonic() - t0),
+                                       "cache_tables": cache_tables(tables.Database(db), infos)}
                         print(json.dumps({done: marks[done]}), flush=True)
         finally:
             server.stop()

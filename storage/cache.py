@@ -19,6 +19,7 @@ from bicascade.errors import NotIndexedError
 from bicascade.storage import tables
 
 DEFAULT_FRONT_BYTES = 64 << 20  # per level and process: 32k vectors of 512 floats
+COMPACT_EVERY = 20  # commits to a cache table between compactions
 
 
 class LruVectors:
@@ -73,8 +74,9 @@ class LevelCache:
         self.pending: dict[str, np.ndarray] = {}
         self.last_flush = time.monotonic()
         self.lock = threading.Lock()
-        self.flushing = threading.Lock()  # one commit at a time: concurrent merge_inserts of one id duplicate it
-        self.writes = 0
+        # one commit at a time: concurrent merge_inserts of one id duplicate it (re-entered: a flush applies hits)
+        self.flushing = threading.RLock()
+        self.commits = 0  # since the last compaction
 
     def get(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         with self.lock:
@@ -127,9 +129,7 @@ class LevelCache:
             with self.lock:  # only now may the rows leave `pending`: a reader never misses them
                 for i in batch:
                     self.pending.pop(i, None)
-            self.writes += 1
-            if self.writes % 20 == 0:  # many small commits fragment the table
-                self.db.finish([self.name])
+            self._committed(1)
         self.apply_hits()
         self.evict()
         return len(batch)
@@ -149,20 +149,33 @@ class LevelCache:
                 self.hits[i] = (n + 1, now)
 
     def apply_hits(self) -> int:
-        with self.lock:
-            hits, self.hits = self.hits, {}
-        if not hits or not self.db.has(self.name):
-            return 0
-        self._upgrade()
-        table = self.db.table(self.name)
-        by_count: dict[int, list[str]] = {}
-        for i, (n, _) in hits.items():
-            by_count.setdefault(n, []).append(i)
-        now = max(t for _, t in hits.values())
-        for n, ids in by_count.items():  # one update per distinct count: in place, no read-modify-write
-            table.update(where=col("id").isin(ids), values_sql={"hits": f"coalesce(hits, 0) + {n}",
-                                                                "last_hit": repr(float(now))})
-        return len(hits)
+        """Add the counted hits to the table in one commit: each id's new total, read first (this is the table's one
+        writer, so nothing changes them in between) and merged on id into the two hit columns only."""
+        with self.flushing:
+            with self.lock:
+                hits, self.hits = self.hits, {}
+            if not hits or not self.db.has(self.name):
+                return 0
+            self._upgrade()
+            got = self.db.take(self.name, list(hits), ["id", "hits"])
+            ids = got.column("id").to_pylist()
+            before = got.column("hits").fill_null(0).to_pylist()
+            if ids:
+                now = max(t for _, t in hits.values())
+                rows = pa.table({"id": pa.array(ids, pa.string()), "last_hit": pa.array([now] * len(ids), pa.float64()),
+                                 "hits": pa.array([b + hits[i][0] for i, b in zip(ids, before)], pa.int64())})
+                self.db.table(self.name).merge_insert("id").when_matched_update_all().execute(rows)
+                self._committed(1)
+            return len(hits)
+
+    def _committed(self, commits: int) -> None:
+        """Commits leave fragments (an insert adds one; an update rewrites its rows into a new one and marks them
+        deleted in the old), which every reader's manifest lists: fold them together every COMPACT_EVERY commits of
+        any kind, since a warm stream commits nothing but hit counts."""
+        self.commits += commits
+        if self.commits >= COMPACT_EVERY:
+            self.db.finish([self.name])
+            self.commits = 0
 
     def evict(self) -> int:
         """Past `max_rows`, drop the least recently hit rows down to 90% of it (they are recomputed if asked again)."""
@@ -178,6 +191,7 @@ class LevelCache:
         table = self.db.table(self.name)
         for start in range(0, len(ids), 1000):
             table.delete(col("id").isin(ids[start:start + 1000]))
+            self._committed(1)
         with self.lock:
             self.memory = LruVectors(self.memory.max_bytes)
         return len(ids)

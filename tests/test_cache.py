@@ -44,6 +44,27 @@ def test_pending_rows_stay_readable_whatever_the_front_evicts(tmp_path):
     assert len(ids) == len(set(ids)) == 20
 
 
+def test_hit_counts_land_per_id_in_one_commit_and_a_warm_stream_does_not_fragment_the_table(tmp_path):
+    """A warm stream writes only hit counts: one commit per batch of them, whatever the counts, and compaction on
+    commits of any kind, not only on new rows."""
+    db = tables.Database(str(tmp_path))
+    store = cache.LevelCache(db, "fp", 8, flush_rows=1000, flush_s=3600)
+    ids = [f"i{n}" for n in range(30)]
+    store.put(ids, np.stack([vec(n) for n in range(30)]))
+    store.flush()
+    for _ in range(3 * cache.COMPACT_EVERY):
+        for n, i in enumerate(ids):
+            store.hit([i] * (n % 4 + 1))  # four distinct counts in every round
+        version = db.version(store.name)
+        store.apply_hits()
+        if store.commits:  # no compaction this round
+            assert db.version(store.name) == version + 1
+    got = db.dataset(store.name).to_table(columns=["id", "hits"]).to_pydict()
+    hits = dict(zip(got["id"], got["hits"]))
+    assert hits == {i: 3 * cache.COMPACT_EVERY * (n % 4 + 1) for n, i in enumerate(ids)}
+    assert len(db.dataset(store.name).get_fragments()) <= cache.COMPACT_EVERY
+
+
 def test_concurrent_misses_of_one_id_encode_it_once(tmp_path):
     store = cache.LevelCache(tables.Database(str(tmp_path)), "fp", 8, flush_rows=1000, flush_s=3600)
     inflight = cache.InFlight(store)
