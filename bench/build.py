@@ -4,6 +4,10 @@ start-up (the job's first seconds go to starting workers that import torch and l
 Not a test.
 
     python bench/build.py [--images 5000,100000] [--ladder synthetic] [--out bench/results/build_cpu.json]
+
+A model as large as the ones people index with (`bicascade ladders add vit-b-32 ViT-B-32`: random weights):
+
+    python bench/build.py --images 2000 --ladder vit-b-32 --out bench/results/build_vit-b-32_cpu.json
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 from common import emit
 
-from bicascade import images, models
+from bicascade import images, models, query
 from bicascade.pipelines.ingest import index
 from bicascade.pipelines.lab import train, world
 
@@ -58,8 +62,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    ladder, _ = train.ensure_ladder(args.ladder, with_world=False)
-    spec = models.get_model(ladder.levels[0])
+    if args.ladder in train.PROFILES:  # one the project trains (cached afterwards)
+        train.ensure_ladder(args.ladder, with_world=False)
+    ladder = query.registered(args.ladder)  # else one of `bicascade ladders add`
+    spec = ladder.levels[0].spec
     tmp = Path(tempfile.mkdtemp(prefix="bicascade-build-"))
     try:
         runs = [measure(int(n), spec, ladder.name, args.batch_size, tmp) for n in args.images.split(",")]

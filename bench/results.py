@@ -131,16 +131,37 @@ def query_section(results: Path, out: Path) -> str | None:
 
 
 def build_section(results: Path, out: Path) -> str | None:
-    doc = load(results / "build_cpu.json")
-    if doc is None or "runs" not in doc:
+    docs = [json.loads(path.read_text()) for path in sorted(results.glob("build*_cpu.json"))]
+    rows = ["| level 0 | images | bare loop img/s | index job img/s | ratio | after start-up img/s | ratio | "
+            "start-up s |", "|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {doc['model']} | {r['images']} | {r['bare_images_per_s']} | {r['job_images_per_s']} | {r['ratio']} | "
+             f"{r['job_steady_images_per_s']} | {r['steady_ratio']} | {r['job_startup_s']} |"
+             for doc in docs for r in doc.get("runs", [])]
+    if len(rows) == 2:
         return None
-    rows = ["| images | bare loop img/s | index job img/s | ratio | after start-up img/s | ratio | start-up s |",
-            "|---|---|---|---|---|---|---|"]
-    rows += [f"| {r['images']} | {r['bare_images_per_s']} | {r['job_images_per_s']} | {r['ratio']} | "
-             f"{r['job_steady_images_per_s']} | {r['steady_ratio']} | {r['job_startup_s']} |" for r in doc["runs"]]
-    return (f"## Index throughput (`bench/build.py`)\n\nLevel 0 `{doc['model']}`, batch {doc['batch_size']}, "
-            f"{doc['threads']} threads; the Ray Data job against one process decoding and encoding the same files.\n\n"
-            + "\n".join(rows))
+    setup = "; ".join(f"{d['model']}: batch {d['batch_size']}, {d['threads']} threads" for d in docs)
+    return (f"## Index throughput (`bench/build.py`)\n\nThe Ray Data job against one process reading, hashing, "
+            f"decoding, cropping and encoding the same files with the same model ({setup}).\n\n" + "\n".join(rows))
+
+
+def audit_section(results: Path, out: Path) -> str | None:
+    doc = load(results / "audit_cpu.json")
+    if doc is None:
+        return None
+    a = doc["audit"]
+    return (f"## The live recall audit against the offline truth (`bench/audit.py`)\n\nA {doc['queries']}-query "
+            f"stream (p = {doc['p_measured']:.3f}, {doc['distinct_targets']} distinct target images) over "
+            f"{doc['images']} images through `bicascade serve` with {doc['clients']} clients, cutoffs "
+            f"{doc['cutoffs']}, the router auditing {a['fraction']:.0%} of the queries: the top level over "
+            f"{doc['audit_factor']} x m_1 level-0 candidates, against the served top {doc['k']}.\n\n"
+            "| audited queries | audit's recall kept | the same, offline, every query | 95% sampling error at that "
+            "many | kept vs the top level over the whole corpus | R@10 served | R@10 top level alone |\n"
+            "|---|---|---|---|---|---|---|\n"
+            f"| {a['queries']} | {a['recall_kept']:.4f} | {doc['offline_kept_vs_audit_reference']:.4f} | "
+            f"{doc['sampling_error_95']:.4f} | {doc['offline_kept_vs_top_level_whole_corpus']:.4f} | "
+            f"{doc['recall_at_k_served']:.4f} | {doc['recall_at_k_top_level']:.4f} |\n\n"
+            f"The audit embedded {a['images_encoded']} images ({a['gflops']:.1f} image-encoder GFLOPs) that the "
+            "cascade did not need.")
 
 
 def million_section(results: Path, out: Path) -> str | None:
@@ -193,7 +214,8 @@ def rss_section(results: Path, out: Path) -> str | None:
 
 
 SECTIONS: list[Section] = [
-    curves, eval_tables, simulate_tables, plan_section, query_section, build_section, rss_section, million_section,
+    curves, eval_tables, simulate_tables, plan_section, query_section, build_section, rss_section, audit_section,
+    million_section,
     generic("ann_1m_cpu.json", "Level-0 ANN at 1M vectors (`bench/ann.py`)", "Recall@50 against exact search and p50 "
             "latency of the IVF indexes, on clustered unit vectors (not text queries: see the million-image run)."),
     generic("costs_measure_cpu.json", "Encoder cost, counted and measured (`bicascade costs --measure`)",
