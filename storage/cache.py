@@ -129,7 +129,7 @@ class LevelCache:
             with self.lock:  # only now may the rows leave `pending`: a reader never misses them
                 for i in batch:
                     self.pending.pop(i, None)
-            self._committed(1)
+            self._committed()
         self.apply_hits()
         self.evict()
         return len(batch)
@@ -165,14 +165,14 @@ class LevelCache:
                 rows = pa.table({"id": pa.array(ids, pa.string()), "last_hit": pa.array([now] * len(ids), pa.float64()),
                                  "hits": pa.array([b + hits[i][0] for i, b in zip(ids, before)], pa.int64())})
                 self.db.table(self.name).merge_insert("id").when_matched_update_all().execute(rows)
-                self._committed(1)
+                self._committed()
             return len(hits)
 
-    def _committed(self, commits: int) -> None:
+    def _committed(self) -> None:
         """Commits leave fragments (an insert adds one; an update rewrites its rows into a new one and marks them
         deleted in the old), which every reader's manifest lists: fold them together every COMPACT_EVERY commits of
         any kind, since a warm stream commits nothing but hit counts."""
-        self.commits += commits
+        self.commits += 1
         if self.commits >= COMPACT_EVERY:
             self.db.finish([self.name])
             self.commits = 0
@@ -191,7 +191,7 @@ class LevelCache:
         table = self.db.table(self.name)
         for start in range(0, len(ids), 1000):
             table.delete(col("id").isin(ids[start:start + 1000]))
-            self._committed(1)
+            self._committed()
         with self.lock:
             self.memory = LruVectors(self.memory.max_bytes)
         return len(ids)
