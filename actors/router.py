@@ -1,6 +1,7 @@
-"""Algorithm 1 as the Serve router: its levels are Encoder deployments; query embeddings of every level are requested
-at once (and cached by query text), level 0 is an in-memory matrix or the ANN index, expensive embeddings are
-written back to per-level cache tables by one writer actor each for the whole cluster."""
+"""Algorithm 1 inside each ingress replica: its levels are Encoder deployments; query embeddings of every level are
+requested at once (and cached by query text), level 0 is an in-memory matrix or the ANN index, expensive embeddings
+are written back to per-level cache tables by one writer actor each for the whole cluster. A warm search never leaves
+the replica that took the HTTP request: no handle hop between the ingress and the cascade."""
 from __future__ import annotations
 
 import asyncio
@@ -13,12 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
-from ray import serve
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bicascade.actors import metrics
 from bicascade.cascade import Cascade, Level, dedup, f_life
-from bicascade.errors import BadInputError, NotIndexedError
+from bicascade.errors import NotIndexedError
 from bicascade.levels import LevelInfo
 from bicascade.storage import cache, filters, tables
 
@@ -154,9 +154,9 @@ class Lru:
                 self.items.popitem(last=False)
 
 
-@serve.deployment  # options (autoscaling, queues, resources): serve/config.yaml
 class Router:
-    """Algorithm 1 over Encoder handles: level 0 over the corpus, per-level caches, batched misses, write-back."""
+    """Algorithm 1 over Encoder handles: level 0 over the corpus, per-level caches, batched misses, write-back. One per
+    ingress replica; its blocking methods (`image`, `metadata`, `flush`, `stats`) are for a worker thread."""
 
     def __init__(self, db: str, infos: list[LevelInfo], cutoffs: list[int], encoders: list,
                  config: RouterConfig = RouterConfig()) -> None:
@@ -264,19 +264,30 @@ class Router:
         t0 = time.perf_counter()
         self._maybe_refresh()
         depth = req.get("depth") or len(self.infos)
-        cascade = self.by_depth[depth]
         where = filters.Filter.parse(req.get("where"))
         if req.get("query") is not None:
             vectors = await self._text_vectors(req["query"], depth)
         else:
             vectors = await self._image_vectors(depth, req.get("image_id"), req.get("image"))
         t_vectors = time.perf_counter()
+        doc, served = await asyncio.to_thread(self._rank, req, depth, vectors, where)
+        k = req.get("k", 10)
+        if depth == len(self.infos) > 1 and where is None and not req.get("offset") and self.audit.sample():
+            asyncio.get_running_loop().create_task(self._audit(vectors, served, k))
+        self._count(doc, depth, time.perf_counter() - t0)
+        doc["stats"]["timing"] = {"router_ms": _ms(t0), "query_vectors_ms": round((t_vectors - t0) * 1000, 3),
+                                  "cascade_ms": round((time.perf_counter() - t_vectors) * 1000, 3)}
+        return doc
+
+    def _rank(self, req: dict, depth: int, vectors: list[np.ndarray], where: filters.Filter | None
+              ) -> tuple[dict, list[str]]:
+        """The cascade, then dedup, min_score and paging, as the response document (blocking: a worker thread)."""
+        cascade = self.by_depth[depth]
         offset, k = req.get("offset", 0), req.get("k", 10)
         # dedup needs spare candidates: rank as many as the last level keeps, then collapse and page
         cap = cascade.cutoffs[-1] if cascade.cutoffs else offset + k  # what the cascade's last level ranks
         want = cap if req.get("dedup") is not None else min(offset + k, cap)
-        out = await asyncio.to_thread(cascade.search, "", want, vectors, self._allowed(where))
-        t_cascade = time.perf_counter()
+        out = cascade.search("", want, vectors, self._allowed(where))
         keep = list(range(len(out.results)))
         if req.get("dedup") is not None and out.results:
             final = out.vectors if out.vectors is not None else self.corpus.vectors([r.id for r in out.results])
@@ -284,14 +295,9 @@ class Router:
         if req.get("min_score") is not None:
             keep = [n for n in keep if out.results[n].score >= req["min_score"]]
         out.results = [out.results[n] for n in keep[offset:offset + k]]
-        uris = self._uris([r.id for r in out.results])
-        doc = out.to_json(uris, [i.name for i in self.infos], len({i.text for i in self.infos[:depth]}))
-        self._count(out, depth, time.perf_counter() - t0)
-        if depth == len(self.infos) > 1 and where is None and not offset and self.audit.sample():
-            asyncio.get_running_loop().create_task(self._audit(vectors, [r.id for r in out.results], k))
-        doc["stats"]["timing"] = {"router_ms": _ms(t0), "query_vectors_ms": round((t_vectors - t0) * 1000, 3),
-                                  "cascade_ms": round((t_cascade - t_vectors) * 1000, 3)}
-        return doc
+        served = [r.id for r in out.results]
+        doc = out.to_json(self._uris(served), [i.name for i in self.infos], len({i.text for i in self.infos[:depth]}))
+        return doc, served
 
     async def _audit(self, vectors: list[np.ndarray], served: list[str], k: int) -> None:
         """Rank the query with the top level over audit_factor x m_1 level-0 candidates (the cascade's cutoffs
@@ -329,15 +335,15 @@ class Router:
                 got[i] = u
         return got
 
-    def _count(self, out, depth: int, seconds: float) -> None:
+    def _count(self, doc: dict, depth: int, seconds: float) -> None:
         self.queries += 1
         self.metrics.observe("bicascade_query_seconds", seconds, depth=str(depth))
-        for j, s in enumerate(out.levels):
-            labels = {"level": str(j), "model": s.model}
-            self.metrics.inc("bicascade_level_candidates_total", s.candidates, **labels)
-            self.metrics.inc("bicascade_level_cache_hits_total", s.cache_hits, **labels)
-            self.metrics.inc("bicascade_level_images_encoded_total", s.encoded, **labels)
-            self.metrics.inc("bicascade_level_encoder_gflops_total", s.gflops, **labels)
+        for j, s in enumerate(doc["stats"]["levels"]):
+            labels = {"level": str(j), "model": s["model"]}
+            self.metrics.inc("bicascade_level_candidates_total", s["candidates"], **labels)
+            self.metrics.inc("bicascade_level_cache_hits_total", s["cache_hits"], **labels)
+            self.metrics.inc("bicascade_level_images_encoded_total", s["encoded"], **labels)
+            self.metrics.inc("bicascade_level_encoder_gflops_total", s["gflops"], **labels)
 
     def image(self, id_: str) -> bytes | None:
         return self.db.image_bytes([id_]).get(id_)
@@ -380,7 +386,3 @@ class Router:
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 3)
 
-
-def check_request(req: dict, depth: int) -> None:
-    if sum(req.get(key) is not None for key in ("query", "image_id", "image")) != 1:
-        raise BadInputError("give exactly one of query, image_id, image")

@@ -34,7 +34,7 @@ def replicas() -> dict[str, float]:
     out: dict[str, float] = {}
     for p in psutil.process_iter(["cmdline"]):
         name = " ".join(p.info["cmdline"] or [])
-        for dep in ("Api", "Router", "Encoder0", "Encoder1", "Encoder2", "CacheWriter"):
+        for dep in ("Api", "Encoder0", "Encoder1", "Encoder2", "CacheWriter"):
             if name.startswith(("ray::ServeReplica:bicascade:" + dep, "ray::" + dep)):
                 with contextlib.suppress(psutil.NoSuchProcess):
                     out[dep] = out.get(dep, 0.0) + p.memory_info().rss / 2**20

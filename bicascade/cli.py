@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (on 127.0.0.1) with a local cluster")
     p.add_argument("--plan", default=None, metavar="FILE", help="serve the cascade `bicascade plan --json` chose")
     p.add_argument("--replicas", type=_counts, default=None, metavar="NAME=N,...",
-                   help="fixed replica counts instead of autoscaling, e.g. Router=3,Api=2")
+                   help="fixed replica counts instead of autoscaling, e.g. Api=3,Encoder2=2")
 
     def stream_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--db", required=True, help="LanceDB URI with the world's test split indexed")

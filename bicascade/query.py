@@ -1,6 +1,6 @@
 """The query path without Ray: resolving a ladder's levels (fingerprints, costs, text towers), the ladder a
 database remembers, encoding stored images by id, and the in-process cascade. `bicascade search`, `eval` and
-`simulate` run on this alone; the Serve deployments in `actors/` are built on it (the Router and the ingress on
+`simulate` run on this alone; the Serve deployments in `actors/` are built on it (the ingress and its Router on
 `bicascade.levels` only, which needs no torch)."""
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The HTTP API (DESIGN.md §3) as a Ray Serve app: FastAPI ingress -> Router -> one Encoder deployment per level.
+"""The HTTP API (DESIGN.md §3) as a Ray Serve app: a FastAPI ingress that runs the cascade itself (a Router per
+replica) over one Encoder deployment per level.
 
 Routes: the search page (GET /), POST /search (text, an indexed image, or an uploaded image; filters, paging,
 dedup), images and thumbnails, /stats, /metrics, /healthz, and clip-retrieval's /knn-service, /indices-list and
@@ -34,7 +35,9 @@ from starlette.exceptions import HTTPException
 from bicascade import images
 from bicascade.actors import metrics
 from bicascade.actors.quota import Limiter, RateLimit
+from bicascade.actors.router import Router, RouterConfig
 from bicascade.errors import BadInputError, NotIndexedError, StaleEncoder
+from bicascade.levels import LevelInfo
 
 MAX_QUERY_CHARS = 1000
 MAX_BODY_BYTES = 16 * 1024  # JSON bodies; a search with an uploaded image may carry MAX_UPLOAD_B64 more
@@ -424,8 +427,8 @@ def narrow_schema(depth: int, cutoffs: list[int]) -> dict:
 
 
 async def retried(call, attempts: int = 12, wait_s: float = 0.5):
-    """A search retried while a replica is being replaced (a killed one, or a migration's rolling update): it is
-    idempotent, and the client would only retry it itself."""
+    """A search retried while an Encoder replica is being replaced (a killed one, or a migration's rolling update): it
+    is idempotent, and the client would only retry it itself."""
     for attempt in range(attempts):
         try:
             return await call()
@@ -444,19 +447,18 @@ class Overloaded(Exception):
 @serve.deployment  # options (autoscaling, queues, resources): serve/config.yaml
 @serve.ingress(api)
 class Api:
-    def __init__(self, router: DeploymentHandle, cutoffs: list[int], max_inflight: int, ladder: str,
-                 levels: list[dict], config: AppConfig) -> None:
-        self.router, self.cutoffs, self.max_inflight, self.ladder = router, cutoffs, max_inflight, ladder
-        self.levels = levels
+    def __init__(self, encoders: list[DeploymentHandle], infos: list[LevelInfo], cutoffs: list[int], ladder: str,
+                 config: AppConfig, router: RouterConfig) -> None:
+        self.router = Router(config.db, infos, cutoffs, encoders, router)
+        self.cutoffs, self.max_inflight, self.ladder = cutoffs, config.max_inflight, ladder
+        self.levels = [{"model": info.name, "gflops": info.gflops} for info in infos]
         self.depth = len(cutoffs) + 1
         self.inflight = 0
         self.keys = Keys.load(config.api_keys)
         self.limiter = Limiter(RateLimit(config.rate, config.burst), serve.get_replica_context().app_name)
         self.thumbs: dict[tuple[str, int], bytes] = {}
-        self.metrics = metrics.Recorder()
+        self.metrics = self.router.metrics  # one recorder per replica, flushed to the hub every second
         api.state.recorder = self.metrics  # for the responses FastAPI gives before a route runs
-        self.stop = metrics.start_flusher(self.metrics)
-        self.hub = metrics.hub()
         self.page = (PAGE / "index.html").read_text()
         self.schema = narrow_schema(self.depth, cutoffs)
 
@@ -497,7 +499,7 @@ class Api:
             resp = error(503, f"overloaded: {self.inflight} searches in flight", {"Retry-After": "1"})
         except RETRYABLE as e:
             resp = error(503, f"unavailable, retry: {type(e).__name__}", {"Retry-After": "1"})
-        except RayTaskError as e:  # a user's mistake raised inside the router travels wrapped
+        except RayTaskError as e:  # a user's mistake found by an Encoder (an upload it cannot decode) travels wrapped
             cause = e.as_instanceof_cause()
             if isinstance(cause, BadInputError):
                 resp = error(422, str(cause))
@@ -538,7 +540,7 @@ class Api:
             raise Overloaded()
         self.inflight += 1
         try:
-            return await retried(lambda: self.router.search.remote(body))
+            return await retried(lambda: self.router.search(body))
         finally:
             self.inflight -= 1
 
@@ -584,7 +586,7 @@ class Api:
                     size: int | None = Query(None, ge=THUMB_SIDES[0], le=THUMB_SIDES[1],
                                              description="a JPEG thumbnail of at most this side")) -> Response:
         async def work():
-            data = await self.router.image.remote(image_id)
+            data = await asyncio.to_thread(self.router.image, image_id)
             if data is None:
                 return error(404, f"no image with id {image_id!r}")
             cache = {"Cache-Control": "public, max-age=86400, immutable", "ETag": f'"{image_id}-{size or 0}"'}
@@ -601,7 +603,7 @@ class Api:
 
     async def flush(self) -> int:
         """Not an HTTP route: `bicascade serve` calls it on shutdown so no computed embedding is lost."""
-        return await self.router.flush.remote()
+        return await asyncio.to_thread(self.router.flush)
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> Response:
@@ -616,7 +618,7 @@ class Api:
     @api.get("/stats", responses={401: ERR, 403: ERR, 429: ERR, **SERVICE})
     async def stats(self, request: Request) -> Response:
         async def work():
-            doc = await self.router.stats.remote()
+            doc = await asyncio.to_thread(self.router.stats)
             return JSONResponse({**doc, "ladder": self.ladder, "replicas": await asyncio.to_thread(replica_counts)})
         return await self.answer("/stats", request, work, admin=self.keys is not None)
 
@@ -624,9 +626,8 @@ class Api:
                                                              429: ERR, **SERVICE})
     async def metrics_route(self, request: Request) -> Response:
         async def work():
-            await self.router.stats.remote()  # refreshes the cache-row gauges and hands the router's counts over
-            metrics.push(self.metrics, self.hub)  # this replica's own, ahead of the render (one caller: in order)
-            text = await self.hub.render.remote()
+            await asyncio.to_thread(self.router.stats)  # refreshes the cache-row gauges and hands this replica's counts
+            text = await self.router.hub.render.remote()
             return Response(text, media_type="text/plain; version=0.0.4")
         return await self.answer("/metrics", request, work, admin=self.keys is not None)
 
@@ -661,7 +662,7 @@ class Api:
             doc = await self.run_search(body)
             base = str(request.base_url).rstrip("/")
             captions = {m["id"]: m.get("caption") for m in
-                        await self.router.metadata.remote([r["id"] for r in doc["results"]])}
+                        await asyncio.to_thread(self.router.metadata, [r["id"] for r in doc["results"]])}
             return JSONResponse([{"id": r["id"], "similarity": r["score"], "url": f"{base}/images/{r['id']}",
                                   "caption": captions.get(r["id"])} for r in doc["results"][:req.num_images]])
         return await self.answer("/knn-service", request, work)
@@ -671,7 +672,7 @@ class Api:
         async def work():
             if req.indice_name not in (None, self.ladder):
                 return error(404, f"no index {req.indice_name!r}; GET /indices-list")
-            rows = {r["id"]: r for r in await self.router.metadata.remote(req.ids)}
+            rows = {r["id"]: r for r in await asyncio.to_thread(self.router.metadata, req.ids)}
             base = str(request.base_url).rstrip("/")
             return JSONResponse([{"id": i, "metadata": {"url": f"{base}/images/{i}", "uri": rows[i]["uri"],
                                                         "caption": rows[i]["caption"], "width": rows[i]["width"],

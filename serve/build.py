@@ -1,5 +1,5 @@
-"""The app graph, built from serve/config.yaml and the database's ladder: one Encoder deployment per level, the
-Router over their handles, the HTTP ingress over the router. Only the process that builds it (`bicascade serve`,
+"""The app graph, built from serve/config.yaml and the database's ladder: one Encoder deployment per level and the HTTP
+ingress over their handles, which runs the cascade itself. Only the process that builds it (`bicascade serve`,
 or Serve's controller for `serve deploy`) resolves the ladder and imports the models; the replicas import only
 what they run."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ray import serve
 
 from bicascade import models
 from bicascade.actors.encoder import Encoder
-from bicascade.actors.router import Router, RouterConfig
+from bicascade.actors.router import RouterConfig
 from bicascade.cascade import default_cutoffs, validate
 from bicascade.errors import BadInputError, BicascadeError
 from bicascade.levels import LevelInfo, ResolvedLadder
@@ -76,11 +76,11 @@ def planned(ladder: ResolvedLadder, plan: dict) -> list[LevelInfo]:
 
 
 def build(config: AppConfig) -> serve.Application:
-    """The app graph: one Encoder per level, the Router over their handles, the HTTP ingress over the router."""
+    """The app graph: one Encoder per level and the HTTP ingress (with its Router) over their handles."""
     opts = deployment_options()
     for name, n in config.replicas.items():
         if name not in opts and not name.startswith("Encoder"):
-            raise BadInputError(f"replicas: no deployment {name!r} (Api, Router, Encoder0, ...)")
+            raise BadInputError(f"replicas: no deployment {name!r} (Api, Encoder0, Encoder1, ...)")
         fixed = opts.setdefault(name, copy.deepcopy(opts[max(k for k in opts if k.startswith("Encoder"))]))
         fixed.pop("autoscaling_config", None)
         fixed["num_replicas"] = int(n)
@@ -99,10 +99,8 @@ def build(config: AppConfig) -> serve.Application:
     # specs, not names: a replica on another node needs no registry, only the checkpoint path
     encoders = [Encoder.options(name=f"Encoder{j}", **o).bind(info.spec, config.db, config.encoder_threads)
                 for j, (info, o) in enumerate(zip(infos, encoder_options(opts, infos, gpus)))]
-    router = Router.options(**opts["Router"]).bind(config.db, infos, cutoffs, encoders,
-                                                   RouterConfig(**{"margin": margin, **config.router}))
-    levels = [{"model": info.name, "gflops": info.gflops} for info in infos]
-    return Api.options(**opts["Api"]).bind(router, cutoffs, config.max_inflight, ladder.name, levels, config)
+    router = RouterConfig(**{"margin": margin, **config.router})
+    return Api.options(**opts["Api"]).bind(encoders, infos, cutoffs, ladder.name, config, router)
 
 
 def app_builder(args: dict) -> serve.Application:

@@ -37,7 +37,7 @@ def kept_offline(db_uri: str, queries: list[str], served: dict[str, list[str]]) 
 
 
 def test_the_audit_reports_the_recall_the_cutoffs_keep(tiny_db, in_process_server):
-    url = in_process_server(AppConfig(db=tiny_db, replicas={"Router": 2}, router={"audit_fraction": 1.0}))
+    url = in_process_server(AppConfig(db=tiny_db, replicas={"Api": 2}, router={"audit_fraction": 1.0}))
     served = {}
     for q in QUERIES:
         r = requests.post(f"{url}/search", json={"query": q, "k": K}, timeout=120)

@@ -58,7 +58,7 @@ def config_for_test(db: str, port: int) -> dict:
     app = doc["applications"][0]
     app["args"].update(db=db)
     top = next(d for d in app["deployments"] if d["name"] == "Encoder2")
-    # on 2 cores one client nearly saturates the Router, so the top Encoder's queue stays short: a low target
+    # on 2 cores one client nearly saturates the ingress, so the top Encoder's queue stays short: a low target
     top["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.5,
                                  "metrics_interval_s": 0.5, "look_back_period_s": 2, "upscale_delay_s": 1,
                                  "downscale_delay_s": 4}

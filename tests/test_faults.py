@@ -35,10 +35,10 @@ def copy_db(src: str, dst) -> str:
     return str(dst)
 
 
-def test_sixteen_clients_racing_through_three_routers_write_each_id_once(tiny_db, tmp_path):
+def test_sixteen_clients_racing_through_three_ingress_replicas_write_each_id_once(tiny_db, tmp_path):
     db = copy_db(tiny_db, tmp_path / "db")
     queries = [f"{n} {c} crosses" for n in ("one", "two") for c in ("red", "blue", "green", "pink")]
-    with serving(db, "--replicas", "Router=3,Api=2") as server:
+    with serving(db, "--replicas", "Api=3") as server:
         def client(i: int) -> list[int]:
             return [requests.post(f"{server.url}/search", json={"query": q, "k": 10}, timeout=120).status_code
                     for q in queries[i % 4:] + queries[:i % 4]]  # the same cold queries, in another order each

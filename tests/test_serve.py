@@ -141,7 +141,7 @@ def test_health_and_stats(url, corpus):
     serve.get_app_handle("bicascade").options(method_name="flush").remote().result()
     stats = requests.get(f"{url}/stats", timeout=30).json()
     assert stats["rows"] == 300 and stats["levels"][0]["coverage"] == 1.0 and stats["ladder"] == "synthetic-tiny"
-    assert stats["replicas"] == {"Api": 1, "Router": 1, "Encoder0": 1, "Encoder1": 1, "Encoder2": 1}
+    assert stats["replicas"] == {"Api": 1, "Encoder0": 1, "Encoder1": 1, "Encoder2": 1}
     assert 0 < stats["levels"][1]["coverage"] < 1 and stats["cost_ratio"] > 1
     # written back once per id, in the fingerprinted cache tables
     db = tables.Database(corpus)
@@ -163,7 +163,7 @@ def test_config_yaml_is_a_valid_serve_config_for_the_app():
     config = app.AppConfig(**spec.args)  # what app_builder is given
     assert config.rate > 0 and config.burst >= config.rate  # rate limits on, as an operator deploys it
     names = {d.name for d in spec.deployments}
-    assert names == {"Api", "Router", "Encoder0", "Encoder1", "Encoder2"}
+    assert names == {"Api", "Encoder0", "Encoder1", "Encoder2"}
     for d in spec.deployments:
         scaling = dict(d.autoscaling_config)
         assert scaling["max_replicas"] > scaling["min_replicas"] >= 1
