@@ -1,6 +1,6 @@
 """What every process knows of a ladder's levels without loading a model: the registry entry (ModelSpec), each
 level's fingerprint, dim, cost and text tower (LevelInfo), and a resolved ladder. No torch, no open_clip: the
-ingress (with its Router) and the cache writers import only this, so a replica that runs no model starts without them."""
+ingress (and its Router) and the cache writers import only this, so replicas that run no model start without them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
