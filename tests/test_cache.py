@@ -2,6 +2,7 @@
 concurrent misses, and write-back that never writes an id twice."""
 import threading
 import time
+from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -63,6 +64,24 @@ def test_hit_counts_land_per_id_in_one_commit_and_a_warm_stream_does_not_fragmen
     hits = dict(zip(got["id"], got["hits"]))
     assert hits == {i: 3 * cache.COMPACT_EVERY * (n % 4 + 1) for n, i in enumerate(ids)}
     assert len(db.dataset(store.name).get_fragments()) <= cache.COMPACT_EVERY
+
+
+def test_compaction_drops_old_versions_so_a_long_stream_does_not_pile_them_up(tmp_path, monkeypatch):
+    """Every hit-count commit is a version on disk; compaction removes those older than KEEP_VERSIONS (here: all but
+    the latest), and the data survives it."""
+    monkeypatch.setattr(tables, "KEEP_VERSIONS", timedelta(0))
+    db = tables.Database(str(tmp_path))
+    store = cache.LevelCache(db, "fp", 8, flush_rows=1000, flush_s=3600)
+    ids = [f"i{n}" for n in range(10)]
+    store.put(ids, np.stack([vec(n) for n in range(10)]))
+    store.flush()
+    for _ in range(2 * cache.COMPACT_EVERY):
+        store.hit(ids)
+        store.apply_hits()
+    kept = len(db.table(store.name).list_versions())
+    assert kept <= cache.COMPACT_EVERY + 2, kept  # without the cleanup: over 2 x COMPACT_EVERY
+    got = db.dataset(store.name).to_table(columns=["id", "hits"]).to_pydict()
+    assert dict(zip(got["id"], got["hits"])) == dict.fromkeys(ids, 2 * cache.COMPACT_EVERY)
 
 
 def test_concurrent_misses_of_one_id_encode_it_once(tmp_path):
