@@ -1,7 +1,7 @@
-"""Serving memory over a long stream: the RSS of every serving replica (ingress, router, encoders) and of the cache
-writers after 1,000 and after 50,000 queries of a p-small-world-like stream (the world's held-out captions, topics
-re-asked, new captions keep missing the text cache), through `bicascade serve` on 127.0.0.1. Prints JSON. Not a
-test.
+"""Serving memory over a long stream: the RSS of every serving replica (the ingress with its router, the encoders)
+and of the cache writers after 1,000 and after 50,000 queries of a p-small-world-like stream (the world's held-out
+captions, topics re-asked, new captions keep missing the text cache), through `bicascade serve` on 127.0.0.1. Prints
+JSON. Not a test.
 
     python bench/rss.py [--db work/db] [--queries 50000] [--clients 8] [--out bench/results/rss_cpu.json]
 """

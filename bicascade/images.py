@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageCms, ImageFile, ImageOps
 
 from bicascade.errors import BadInputError
@@ -31,6 +32,7 @@ MAX_STORED_SIDE = 1024
 ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey image
+pillow_heif.register_heif_opener()  # HEIC/HEIF: what iPhones write
 _SRGB = ImageCms.createProfile("sRGB")
 
 
@@ -99,13 +101,14 @@ def load(data: bytes, min_side: int = DECODE_SIDE, max_pixels: int = MAX_PIXELS)
     `min_side` where the format allows it cheaply; width and height are the original's, upright. The header is
     checked against `max_pixels` before any pixel is decoded."""
     im = _open(data, max_pixels)
-    orientation = im.getexif().get(0x0112, 1)
-    width, height = (im.height, im.width) if orientation in ROTATED else (im.width, im.height)
+    width, height = im.size  # of the original, before any shrinking
     try:
         im.seek(0)  # animations: the first frame
         if im.format == "JPEG" and min(im.size) > 2 * min_side:
             im.draft(im.mode, (min_side, min_side))  # decode at 1/2, 1/4 or 1/8 scale, never below min_side
         im.load()
+        if im.getexif().get(0x0112, 1) in ROTATED:  # read after load: TIFF has its tags only then
+            width, height = height, width
         im = ImageOps.exif_transpose(im)
         rgb = to_rgb(im)
     except BadInputError:

@@ -48,6 +48,7 @@ def test_the_ladder_was_made_from_the_checkpoints(user):
 def test_rotated_copies_are_one_upright_photo(user):
     root, files, _, indexed = user
     assert indexed["errors"] == 0 and indexed["rows"] == sum(len(v) for v in files.values())
+    assert indexed["ignored"] == 1  # the phone's .AAE sidecar, said and left out
     db = tables.Database(str(root / "db"))
     rows = {r["uri"]: r for r in db.dataset(tables.IMAGES).to_table(columns=["id", "uri", "width", "height"])
             .to_pylist()}
@@ -57,7 +58,8 @@ def test_rotated_copies_are_one_upright_photo(user):
     assert all((c["width"], c["height"]) == (w, h) for c in copies)  # EXIF 6 and 8 stored sideways, read upright
     vectors = db.vectors(db.recorded_ladder()[0]["fingerprint"], [c["id"] for c in copies])
     assert np.abs(vectors - vectors[0]).max() < 1e-5
-    phone = rows[str(root / "photos" / "chelsea-phone.jpg")]
+    assert any(str(p).endswith(".tiff") for p in files["coffee"]) and files["retina"][-1].suffix == ".heic"
+    phone = rows[str(root / "photos" / "chelsea-phone.JPG")]
     cat = Image.open(root / "photos" / "chelsea.jpg").size
     assert (phone["width"], phone["height"]) == cat  # the phone's sideways JPEG comes out upright
     big = rows[str(root / "photos" / "hubble-large.jpg")]

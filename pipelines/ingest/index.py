@@ -42,6 +42,7 @@ class IndexReport:
     new_rows: int
     errors: int
     skipped: int
+    ignored: int  # files of a folder that are no image by their extension (videos, sidecars), left out with a warning
     seconds: float
     images_per_s: float
     startup_s: float | None  # to the first encoded batch: worker start-up, imports, model loads
@@ -216,6 +217,10 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
     run = uuid.uuid4().hex[:12]
     log.info("indexing %s (%s, %d units) into %s with %s [%s]", source, src.kind, len(src.units), db_uri, spec.name,
              emb)
+    if src.ignored:  # a folder's videos, raw files, sidecars: said once, not silently dropped
+        log.warning("ignoring %d files that are not images by their extension (%s); images are %s",
+                    sum(src.ignored.values()), ", ".join(f"{ext} x{n}" for ext, n in list(src.ignored.items())[:8]),
+                    " ".join(sources.IMAGE_EXTS))
 
     cluster.connect()
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours below says images/s and ETA
@@ -259,7 +264,8 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
     rows = db.count(emb)
     seconds = time.perf_counter() - t0
     report = IndexReport(rows=rows, new_rows=writer.new_rows, errors=writer.error_count, skipped=writer.skipped,
-                         seconds=round(seconds, 2), images_per_s=round(writer.new_rows / seconds, 2),
+                         ignored=sum(src.ignored.values()), seconds=round(seconds, 2),
+                         images_per_s=round(writer.new_rows / seconds, 2),
                          startup_s=round(startup, 2) if startup is not None else None,
                          table_version=db.version(emb), table=emb,
                          model=spec.name, ladder=resolved.name, ann=params.index_type if params else "exact")

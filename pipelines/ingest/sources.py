@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 
 from bicascade.errors import BadInputError
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".tif", ".tiff", ".bmp", ".gif")
 BYTES_COLUMNS = ("image", "bytes", "jpg", "png", "img", "image_bytes")
 PATH_COLUMNS = ("uri", "path", "filepath", "file", "image_path", "url")
 CAPTION_COLUMNS = ("caption", "text", "txt")
@@ -35,6 +36,7 @@ class Source:
     kind: str  # "files" | "parquet" | "tar"
     units: list[str]
     scheme: str  # prefix that turns a filesystem path back into a URI ("" for local paths)
+    ignored: dict[str, int] = field(default_factory=dict)  # files of a folder that are no image, by extension
 
 
 def list_source(uri: str) -> Source:
@@ -53,7 +55,10 @@ def list_source(uri: str) -> Source:
         return Source(uri, "parquet", [f for f in files if f.lower().endswith(".parquet")], scheme)
     if any(f.endswith(".tar") for f in lower):
         return Source(uri, "tar", [f for f in files if f.lower().endswith(".tar")], scheme)
-    return Source(uri, "files", [f for f, low in zip(files, lower) if low.endswith(IMAGE_EXTS)], scheme)
+    others = Counter(posixpath.splitext(low)[1] or "(none)" for low in lower
+                     if not low.endswith(IMAGE_EXTS) and not posixpath.basename(low).startswith("."))
+    return Source(uri, "files", [f for f, low in zip(files, lower) if low.endswith(IMAGE_EXTS)], scheme,
+                  dict(others.most_common()))
 
 
 def count_rows(source: Source) -> int | None:

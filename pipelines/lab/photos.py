@@ -1,6 +1,7 @@
 """Real photographs written the way cameras and phones write them: the sample photos shipped inside scikit-image and
-matplotlib, re-saved as JPEG (baseline and progressive), PNG and WebP, with EXIF orientations 1/3/6/8, a CMYK, a
-grayscale and a very large copy. For trying bicascade without one's own photos, and for the tests.
+matplotlib, re-saved as JPEG (baseline and progressive), PNG, WebP, TIFF and HEIC, with EXIF orientations 1/3/6/8,
+a phone's upper-case `.JPG` with its `.AAE` sidecar, a CMYK, a grayscale and a very large copy. For trying bicascade
+without one's own photos, and for the tests.
 
     python -m bicascade.pipelines.lab.photos DIR
 """
@@ -51,7 +52,7 @@ def write(root: str | Path, large_side: int = 5000) -> dict[str, list[Path]]:
     files["coffee"] = []
     for orientation in STORED:  # lossless formats: every copy decodes to the same upright pixels
         stored, exif = oriented(coffee, orientation)
-        for ext, kw in (("png", {}), ("webp", {"lossless": True})):
+        for ext, kw in (("png", {}), ("webp", {"lossless": True})) + ((("tiff", {}),) if orientation in (1, 6) else ()):
             path = root / f"coffee-exif{orientation}.{ext}"
             stored.save(path, exif=exif, **kw)
             files["coffee"].append(path)
@@ -60,8 +61,11 @@ def write(root: str | Path, large_side: int = 5000) -> dict[str, list[Path]]:
         im.save(path, quality=90, progressive=name == "astronaut")
         files[name] = [path]
     stored, exif = oriented(photos["chelsea"], 6)  # a phone photo: JPEG stored sideways, EXIF says so
-    stored.save(root / "chelsea-phone.jpg", quality=92, exif=exif)
-    files["chelsea"].append(root / "chelsea-phone.jpg")
+    stored.save(root / "chelsea-phone.JPG", quality=92, exif=exif)
+    files["chelsea"].append(root / "chelsea-phone.JPG")
+    (root / "chelsea-phone.AAE").write_text("<?xml version='1.0'?><plist/>")  # a phone's edit sidecar: no image
+    photos["retina"].save(root / "retina.heic", quality=90)  # what iPhones write (rotation lives in the container)
+    files["retina"].append(root / "retina.heic")
     photos["rocket"].convert("CMYK").save(root / "rocket-cmyk.jpg", quality=92)
     files["rocket"].append(root / "rocket-cmyk.jpg")
     big = photos["hubble_deep_field"].resize((large_side, int(large_side * 0.872)), Image.BICUBIC)
