@@ -1,9 +1,15 @@
-"""What every benchmark here shares: a free loopback port, and the one JSON document it prints (and writes)."""
+"""What every benchmark here shares: a free loopback port, closed-loop HTTP clients of `/search`, percentiles, and
+the one JSON document it prints (and writes)."""
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import socket
+import time
 from pathlib import Path
+
+import numpy as np
+import requests
 
 
 def free_port() -> int:
@@ -17,3 +23,42 @@ def emit(result: dict, out: str | None) -> None:
     print(text)
     if out:
         Path(out).write_text(text + "\n")
+
+
+def pct(xs: list[float]) -> dict:
+    return {"p50_ms": round(float(np.percentile(xs, 50)), 2), "p99_ms": round(float(np.percentile(xs, 99)), 2)}
+
+
+class Client:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.session = requests.Session()
+
+    def search(self, body: dict) -> tuple[float, dict, float]:
+        t0 = time.perf_counter()
+        r = self.session.post(f"{self.url}/search", json=body, timeout=120)
+        ms = (time.perf_counter() - t0) * 1000
+        r.raise_for_status()
+        return ms, r.json(), float(r.headers.get("x-ingress-ms", "nan"))
+
+
+def load(url: str, queries: list[str], clients: int, seconds: float, depth: int | None) -> dict:
+    """`clients` closed-loop clients for `seconds`: searches/s and latency."""
+    end = time.monotonic() + seconds
+
+    def worker(i: int) -> tuple[list[float], int]:
+        c, lat, bad, n = Client(url), [], 0, i
+        while time.monotonic() < end:
+            try:
+                lat.append(c.search({"query": queries[n % len(queries)], "k": 10, "levels": depth})[0])
+            except requests.RequestException:
+                bad += 1
+            n += 1
+        return lat, bad
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        done = list(pool.map(worker, range(clients)))
+    wall = time.monotonic() - t0
+    lat = [x for d in done for x in d[0]]
+    return {"clients": clients, "depth": depth or "all", "searches_per_s": round(len(lat) / wall, 1),
+            "errors": sum(d[1] for d in done), **pct(lat)}

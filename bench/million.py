@@ -1,8 +1,9 @@
 """A million images on this machine, as a user would run it: generate them (the world generator drawn without
 supersampling, at 64 px), `bicascade index` them with the default ladder while sampling images/s and the RSS of
 the driver and the Ray workers, SIGKILL the job half way and resume it, then measure level 0's ANN against exact
-search on real text queries (the world's captions through level 0's text tower), and serve it. Writes JSON and a
-plot. Not a test; about an hour and a half here.
+search on real text queries (the world's captions through level 0's text tower), and serve it over HTTP: cold
+searches (new texts, empty caches), then warm searches/s and p50 with 1 and 8 clients. Writes JSON and a plot. Not
+a test; about an hour and a half here.
 
     python bench/million.py [--images 1000000] [--root /tmp/bicascade-1m] [--out bench/results/million_cpu.json]
 """
@@ -12,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,9 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from common import Client, free_port, load, pct
 
 from bicascade import models, query
 from bicascade.pipelines.lab import train, world
+from bicascade.serve import server
+from bicascade.serve.app import AppConfig
 from bicascade.storage import tables
 
 
@@ -43,8 +48,10 @@ def tree_rss(pid: int) -> tuple[float, float, int]:
     return root.memory_info().rss / 2**20, total / 2**20, len(workers)
 
 
-def index_run(source: Path, db: str, samples: list[dict], kill_at: int | None, t_base: float) -> tuple[int, float]:
-    """`bicascade index` in a subprocess, sampled every 5 s; SIGKILLed once `kill_at` rows are ledgered."""
+def index_run(source: Path, db: str, samples: list[dict], kill_at: int | None, t_base: float
+              ) -> tuple[int, float, str]:
+    """`bicascade index` in a subprocess, sampled every 5 s; SIGKILLed once `kill_at` rows are ledgered. (exit code,
+    seconds, its log)."""
     cmd = [sys.executable, "-m", "bicascade.cli", "index", str(source), "--db", db, "--ladder", train.SYNTHETIC]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
@@ -61,10 +68,10 @@ def index_run(source: Path, db: str, samples: list[dict], kill_at: int | None, t
         if kill_at is not None and done >= kill_at:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return -9, time.monotonic() - t0
+            return -9, time.monotonic() - t0, "".join(log)
     if proc.returncode:
         raise SystemExit("".join(log[-40:]))
-    return proc.returncode, time.monotonic() - t0
+    return proc.returncode, time.monotonic() - t0, "".join(log)
 
 
 def ann_quality(db: str, root: Path, queries: int, rng: np.random.Generator) -> list[dict]:
@@ -95,6 +102,24 @@ def ann_quality(db: str, root: Path, queries: int, rng: np.random.Generator) -> 
                          "p50_ms": round(float(np.median(lat)), 2)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def served(db: str, root: Path, rng: np.random.Generator, seconds: float = 15.0) -> dict:
+    """The million-image database through `bicascade serve`: cold searches of new texts against empty caches, then 30
+    queries warmed and repeated by 1 and 8 closed-loop clients (the full cascade)."""
+    _, caps = world.load_split(root, "test")
+    picks = rng.choice(len(caps), 60, replace=False)
+    cold_texts, warm_texts = [caps[i][1] for i in picks[:30]], [caps[i][2] for i in picks[30:]]
+    url = server.start(AppConfig(db=db, rate=0), port=free_port())
+    try:
+        c = Client(url)
+        cold = [c.search({"query": q, "k": 10})[0] for q in cold_texts]
+        for q in warm_texts:
+            c.search({"query": q, "k": 10})
+        warm = [load(url, warm_texts, n, seconds, None) for n in (1, 8)]
+    finally:
+        server.stop()
+    return {"cold_new_texts": pct(cold), "warm": warm}
 
 
 def plot(samples: list[dict], kill_t: float | None, path: Path) -> None:
@@ -142,10 +167,11 @@ def main() -> None:
     db = str(root / "db")
     samples: list[dict] = []
     t_base = time.monotonic()
-    code, first_s = index_run(made / "test", db, samples, args.images // 2, t_base)
+    code, first_s, _ = index_run(made / "test", db, samples, args.images // 2, t_base)
     kill_t = samples[-1]["t"] if code == -9 else None
     killed_at = samples[-1]["ledgered"]
-    _, resume_s = index_run(made / "test", db, samples, None, t_base)
+    _, resume_s, resumed_log = index_run(made / "test", db, samples, None, t_base)
+    built = re.search(r"built (\S+) over (\d+) rows in ([\d.]+) s", resumed_log)
     d = tables.Database(db)
     level0 = query.recorded(d).levels[0]
     rows = d.count(tables.emb_table(level0.fingerprint))
@@ -157,9 +183,12 @@ def main() -> None:
               "exactly_once": rows == images == args.images,
               "bytes_on_disk_per_image": round(du(Path(db)) / max(1, images)),
               "peak_driver_mib": max(s["driver_mib"] for s in samples),
-              "peak_workers_mib": max(s["workers_mib"] for s in samples), "samples": samples, "ann": ann}
-    text = json.dumps(result, indent=2)
-    Path(args.out).write_text(text + "\n")
+              "peak_workers_mib": max(s["workers_mib"] for s in samples),
+              "ann_index": built.group(1) if built else None, "ann_build_s": float(built.group(3)) if built else None,
+              "samples": samples, "ann": ann}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # kept if serving fails: an hour went into it
+    result["serving"] = served(db, made, np.random.default_rng(1))
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
 
 

@@ -207,9 +207,10 @@ def rss_section(results: Path, out: Path) -> str | None:
     marks = doc["marks"]
     names = sorted(next(iter(marks.values()))["rss_mib"])
     rows = ["| queries | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    rows += [f"| {n} | " + " | ".join(str(m["rss_mib"].get(k, "")) for k in names) + " |" for n, m in marks.items()]
-    return (f"## Serving memory (`bench/rss.py`)\n\nRSS in MiB of the serving replicas over a {doc['queries']}-query "
-            f"stream with {doc['clients']} clients (CacheWriter: every level's cache writer, summed):\n\n"
+    rows += [f"| {n} | " + " | ".join(" / ".join(str(x) for x in m["rss_mib"].get(k, [])) for k in names) + " |"
+             for n, m in marks.items()]
+    return (f"## Serving memory (`bench/rss.py`)\n\nRSS in MiB of each serving process over a {doc['queries']}-query "
+            f"stream with {doc['clients']} clients (CacheWriter: one process per level's cache table):\n\n"
             + "\n".join(rows))
 
 

@@ -77,6 +77,7 @@ class LevelCache:
         # one commit at a time: concurrent merge_inserts of one id duplicate it (re-entered: a flush applies hits)
         self.flushing = threading.RLock()
         self.commits = 0  # since the last compaction
+        self.lifetime_commits = 0  # of this process
 
     def get(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         with self.lock:
@@ -173,6 +174,7 @@ class LevelCache:
         deleted in the old), which every reader's manifest lists: fold them together every COMPACT_EVERY commits of
         any kind, since a warm stream commits nothing but hit counts."""
         self.commits += 1
+        self.lifetime_commits += 1
         if self.commits >= COMPACT_EVERY:
             self.db.finish([self.name])
             self.commits = 0

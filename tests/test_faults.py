@@ -87,6 +87,38 @@ def test_a_cache_writer_killed_mid_commit_loses_nothing_acknowledged(tmp_path):
     print(f"{acked + 1} acknowledged commits kept, {len(ids)} rows, one per id")
 
 
+def test_a_cache_writer_recycles_its_process_and_loses_nothing(tmp_path):
+    """Past its memory budget (here: none, so after every commit) a writer exits between two calls; Ray restarts it,
+    the call that found it gone is retried on the new process, and every row lands once."""
+    import ray
+
+    from bicascade.actors.router import CacheWriter
+    from bicascade.pipelines.ingest import cluster
+
+    cluster.connect()
+    try:
+        db = str(tmp_path / "db")
+        writer = CacheWriter.options(max_restarts=-1, max_task_retries=-1).remote(
+            db, "recycled", 16, flush_rows=10, flush_s=3600, recycle_mb=0)
+        rng = np.random.default_rng(0)
+        pids, written = set(), []
+        for batch in range(12):
+            ids = [f"{batch:03d}-{i}" for i in range(10)]
+            v = rng.normal(size=(10, 16)).astype(np.float32)
+            ray.get(writer.put.remote(ids, v / np.linalg.norm(v, axis=1, keepdims=True)))  # a commit each
+            ray.get(writer.hit.remote(ids[:3]))
+            written += ids
+            pids.add(ray.get(writer.pid.remote()))
+        ray.get(writer.flush.remote())
+    finally:
+        ray.shutdown()
+    d = tables.Database(db)
+    ids = d.column(tables.emb_table("recycled"), "id")
+    assert len(pids) >= 3
+    assert sorted(ids) == sorted(written)  # every row once
+    print(f"{len(written)} rows over {len(pids)} writer processes, one row per id")
+
+
 def test_compaction_in_a_loop_beside_a_busy_writer_loses_no_row(tmp_path):
     d = tables.Database(str(tmp_path / "db"))
     store = cache.LevelCache(d, "busy", 16, flush_rows=10**9, flush_s=10**9)

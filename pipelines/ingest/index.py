@@ -122,6 +122,18 @@ class Encoder:
         return batch
 
 
+class DecodeEncoder(Encoder):
+    """CPU-only clusters: each actor reads, decodes, crops and encodes its own batches, one stage on every core, so
+    no crop crosses the object store and no core waits for another stage."""
+
+    def __init__(self, spec: models.ModelSpec, threads: int | None, decode: dict) -> None:
+        super().__init__(spec, threads)
+        self.decode = decode
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return super().__call__(decode_batch(batch, **self.decode))
+
+
 class Writer:
     """The job's single writer: bounded batched appends (plain appends, so a commit costs the same at any table
     size), a row never written twice (ids already stored are known up front), the ledger written last: after a
@@ -226,18 +238,19 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours below says images/s and ETA
     cpus = ray.cluster_resources().get("CPU", 1)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = gpus or max(1, int(cpus // 4))
     if src.kind == "files":
         uris = [src.scheme + u for u in src.units]
         total = len(uris)
         todo = [u for u in uris if u not in done]
         pre_skipped = total - len(todo)
-        blocks = max(1, len(todo) // (4 * config.batch_size))  # small blocks: steady commits, bounded memory
+        # small blocks: steady commits, bounded memory; and at least one per encoder, so a small folder uses them all
+        blocks = max(1, min(len(todo), max(len(todo) // (4 * config.batch_size), int(cpus) + gpus)))
         ds = ray.data.from_items([{"uri": u} for u in todo], override_num_blocks=blocks)
     else:
         reader = sources.parquet_rows if src.kind == "parquet" else sources.tar_rows
         total, pre_skipped = sources.count_rows(src), 0
-        ds = ray.data.from_items(src.units).flat_map(lambda row, r=reader, s=src: list(r(s, row["item"])))
+        ds = ray.data.from_items(src.units).flat_map(lambda row, r=reader, s=src: list(r(s, row["item"])),
+                                                     num_cpus=0.25)  # what the encoders leave free
     writer = Writer(db, level0.fingerprint, dim, set(known), stored, run, config.flush_rows)
     writer.skipped = pre_skipped
     startup: float | None = None
@@ -246,12 +259,17 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
         # what the tasks skip without decoding; past SHIP_MAX ids the sets stay here (every task would carry them)
         # and a duplicate is decoded, encoded and then dropped by the writer
         ship = len(known) + len(done) <= SHIP_MAX
-        ds = ds.map_batches(decode_batch, batch_size=config.batch_size, num_cpus=0.5,
-                            fn_kwargs={"preprocess_cfg": pp_cfg, "known": known if ship else set(),
-                                       "done": done if ship or src.kind != "files" else set()})
-        ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec, "threads": max(1, int(cpus) // actors)},
-                            compute=ray.data.ActorPoolStrategy(size=actors), batch_size=config.batch_size,
-                            num_gpus=1 if gpus else 0, num_cpus=1)
+        decode = {"preprocess_cfg": pp_cfg, "known": known if ship else set(),
+                  "done": done if ship or src.kind != "files" else set()}
+        if gpus:  # CPU tasks decode, one actor per GPU encodes
+            ds = ds.map_batches(decode_batch, batch_size=config.batch_size, num_cpus=0.5, fn_kwargs=decode)
+            ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec, "threads": max(1, int(cpus) // gpus)},
+                                compute=ray.data.ActorPoolStrategy(size=gpus), batch_size=config.batch_size,
+                                num_gpus=1, num_cpus=1)
+        else:  # one decode-and-encode actor per core, one thread each; a quarter core each left for readers
+            ds = ds.map_batches(DecodeEncoder, fn_constructor_kwargs={"spec": spec, "threads": 1, "decode": decode},
+                                compute=ray.data.ActorPoolStrategy(size=max(1, int(cpus))),
+                                batch_size=config.batch_size, num_cpus=0.75)
         for batch in ds.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
             startup = startup if startup is not None else time.perf_counter() - t0
             writer.add(batch)
