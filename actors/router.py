@@ -39,7 +39,8 @@ class RouterConfig:
     audit_factor: int = 4  # the audit's top level ranks audit_factor x m_1 level-0 candidates
 
 
-RECYCLE_MB = 64  # a cache writer's RSS growth before it hands over to a fresh process
+RECYCLE_MB = 64  # a cache writer's RSS growth (after WARM_COMMITS) before it hands over to a fresh process
+WARM_COMMITS = 100  # a writer's first commits load Lance's runtime and caches: its baseline is taken after them
 
 
 def rss_mb() -> float:
@@ -57,14 +58,15 @@ class CacheWriter:
 
     Lance's native memory creeps up with every commit in a process that commits for hours (measured here: a writer
     +25 to +60 MiB over a 50,000-query stream, with no Python object growing), so a writer whose RSS grew by
-    `recycle_mb` since it started flushes and exits between two calls; Ray restarts it and retries the call that
-    found it gone. A recycled writer's memory starts over, and it loses nothing: it held nothing unwritten."""
+    `recycle_mb` past its baseline (taken after `warm_commits` commits of its own: the first ones load Lance's runtime
+    and caches) flushes and exits between two calls; Ray restarts it and retries the call that found it gone. A
+    recycled writer's memory starts over, and it loses nothing: it held nothing unwritten."""
 
     def __init__(self, db: str, fingerprint: str, dim: int, flush_rows: int = 256, flush_s: float = 2.0,
-                 max_rows: int | None = None, recycle_mb: float = RECYCLE_MB) -> None:
+                 max_rows: int | None = None, recycle_mb: float = RECYCLE_MB, warm_commits: int = WARM_COMMITS) -> None:
         self.cache = cache.LevelCache(tables.Database(db), fingerprint, dim, flush_rows=flush_rows, flush_s=flush_s,
                                       max_rows=max_rows)
-        self.recycle_mb, self.base_mb = recycle_mb, rss_mb()
+        self.recycle_mb, self.warm_commits, self.base_mb = recycle_mb, warm_commits, 0.0
         self.stop = threading.Event()
         threading.Thread(target=self._tick, daemon=True).start()
 
@@ -80,11 +82,13 @@ class CacheWriter:
         return os.getpid()
 
     def _maybe_recycle(self) -> None:
-        """Past the memory budget (and after a commit of its own): flush, then exit at once. Calls run one at a time,
-        so nothing arrives between the flush and the exit; this call fails with the process and is retried on its
-        successor (max_task_retries)."""
+        """Past the memory budget: flush, then exit at once. Calls run one at a time, so nothing arrives between the
+        flush and the exit; this call fails with the process and is retried on its successor (max_task_retries)."""
+        if self.cache.lifetime_commits < self.warm_commits:
+            return
+        self.base_mb = self.base_mb or rss_mb()
         grown = rss_mb() - self.base_mb
-        if not self.cache.lifetime_commits or not self.base_mb or grown < self.recycle_mb:
+        if not self.base_mb or grown < self.recycle_mb:
             return
         self.cache.flush()
         log.info("cache writer of %s recycled after %d commits (+%.0f MiB)", self.cache.name,

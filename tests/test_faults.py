@@ -88,8 +88,8 @@ def test_a_cache_writer_killed_mid_commit_loses_nothing_acknowledged(tmp_path):
 
 
 def test_a_cache_writer_recycles_its_process_and_loses_nothing(tmp_path):
-    """Past its memory budget (here: none, so after every commit) a writer exits between two calls; Ray restarts it,
-    the call that found it gone is retried on the new process, and every row lands once."""
+    """Past its memory budget (here: none, from the call after its first commit) a writer exits between two calls;
+    Ray restarts it, the call that found it gone is retried on the new process, and every row lands once."""
     import ray
 
     from bicascade.actors.router import CacheWriter
@@ -99,7 +99,7 @@ def test_a_cache_writer_recycles_its_process_and_loses_nothing(tmp_path):
     try:
         db = str(tmp_path / "db")
         writer = CacheWriter.options(max_restarts=-1, max_task_retries=-1).remote(
-            db, "recycled", 16, flush_rows=10, flush_s=3600, recycle_mb=0)
+            db, "recycled", 16, flush_rows=10, flush_s=3600, recycle_mb=0, warm_commits=1)
         rng = np.random.default_rng(0)
         pids, written = set(), []
         for batch in range(12):
