@@ -45,14 +45,20 @@ def test_pending_rows_stay_readable_whatever_the_front_evicts(tmp_path):
     assert len(ids) == len(set(ids)) == 20
 
 
+def stored(tmp_path, n: int) -> tuple[tables.Database, cache.LevelCache, list[str]]:
+    """A cache table holding n committed rows, and a store that batches hit counts until told to apply them."""
+    db = tables.Database(str(tmp_path))
+    store = cache.LevelCache(db, "fp", 8, flush_rows=1000, flush_s=3600)
+    ids = [f"i{k}" for k in range(n)]
+    store.put(ids, np.stack([vec(k) for k in range(n)]))
+    store.flush()
+    return db, store, ids
+
+
 def test_hit_counts_land_per_id_in_one_commit_and_a_warm_stream_does_not_fragment_the_table(tmp_path):
     """A warm stream writes only hit counts: one commit per batch of them, whatever the counts, and compaction on
     commits of any kind, not only on new rows."""
-    db = tables.Database(str(tmp_path))
-    store = cache.LevelCache(db, "fp", 8, flush_rows=1000, flush_s=3600)
-    ids = [f"i{n}" for n in range(30)]
-    store.put(ids, np.stack([vec(n) for n in range(30)]))
-    store.flush()
+    db, store, ids = stored(tmp_path, 30)
     for _ in range(3 * cache.COMPACT_EVERY):
         for n, i in enumerate(ids):
             store.hit([i] * (n % 4 + 1))  # four distinct counts in every round
@@ -70,11 +76,7 @@ def test_compaction_drops_old_versions_so_a_long_stream_does_not_pile_them_up(tm
     """Every hit-count commit is a version on disk; compaction removes those older than KEEP_VERSIONS (here: all but
     the latest), and the data survives it."""
     monkeypatch.setattr(tables, "KEEP_VERSIONS", timedelta(0))
-    db = tables.Database(str(tmp_path))
-    store = cache.LevelCache(db, "fp", 8, flush_rows=1000, flush_s=3600)
-    ids = [f"i{n}" for n in range(10)]
-    store.put(ids, np.stack([vec(n) for n in range(10)]))
-    store.flush()
+    db, store, ids = stored(tmp_path, 10)
     for _ in range(2 * cache.COMPACT_EVERY):
         store.hit(ids)
         store.apply_hits()
