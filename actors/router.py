@@ -86,9 +86,10 @@ class CacheWriter:
         flush and the exit; this call fails with the process and is retried on its successor (max_task_retries)."""
         if self.cache.lifetime_commits < self.warm_commits:
             return
-        self.base_mb = self.base_mb or rss_mb()
-        grown = rss_mb() - self.base_mb
-        if not self.base_mb or grown < self.recycle_mb:
+        now = rss_mb()
+        self.base_mb = self.base_mb or now
+        grown = now - self.base_mb
+        if not now or grown < self.recycle_mb:
             return
         self.cache.flush()
         log.info("cache writer of %s recycled after %d commits (+%.0f MiB)", self.cache.name,
