@@ -69,7 +69,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bicascade-build-"))
     try:
         runs = [measure(int(n), spec, ladder.name, args.batch_size, tmp) for n in args.images.split(",")]
-        result = {"model": spec.name, "batch_size": args.batch_size, "threads": torch.get_num_threads(), "runs": runs}
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        result = {"device": device, "model": spec.name, "batch_size": args.batch_size,
+                  "threads": torch.get_num_threads(), "runs": runs}
         emit(result, args.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -131,12 +131,12 @@ def query_section(results: Path, out: Path) -> str | None:
 
 
 def build_section(results: Path, out: Path) -> str | None:
-    docs = [json.loads(path.read_text()) for path in sorted(results.glob("build*_cpu.json"))]
-    rows = ["| level 0 | images | bare loop img/s | index job img/s | ratio | after start-up img/s | ratio | "
-            "start-up s |", "|---|---|---|---|---|---|---|---|"]
-    rows += [f"| {doc['model']} | {r['images']} | {r['bare_images_per_s']} | {r['job_images_per_s']} | {r['ratio']} | "
-             f"{r['job_steady_images_per_s']} | {r['steady_ratio']} | {r['job_startup_s']} |"
-             for doc in docs for r in doc.get("runs", [])]
+    docs = [json.loads(path.read_text()) for path in sorted(results.glob("build*.json"))]
+    rows = ["| device | level 0 | images | bare loop img/s | index job img/s | ratio | after start-up img/s | ratio | "
+            "start-up s |", "|---|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {doc.get('device', 'cpu')} | {doc['model']} | {r['images']} | {r['bare_images_per_s']} | "
+             f"{r['job_images_per_s']} | {r['ratio']} | {r['job_steady_images_per_s']} | {r['steady_ratio']} | "
+             f"{r['job_startup_s']} |" for doc in docs for r in doc.get("runs", [])]
     if len(rows) == 2:
         return None
     setup = "; ".join(f"{d['model']}: batch {d['batch_size']}, {d['threads']} threads" for d in docs)
@@ -176,7 +176,42 @@ def million_section(results: Path, out: Path) -> str | None:
             f"{doc['index_resume_s']} s; "
             f"{doc['rows']} level-0 rows and {doc['image_rows']} images (exactly once: {doc['exactly_once']}); "
             f"{doc['bytes_on_disk_per_image']} bytes on disk per image; peak RSS: driver {doc['peak_driver_mib']} MiB, "
-            f"Ray workers {doc['peak_workers_mib']} MiB.\n\n" + "\n".join(ann))
+            f"Ray workers {doc['peak_workers_mib']} MiB; level 0's ANN index ({doc['ann_index']}) built in "
+            f"{doc['ann_build_s']} s.\n\n" + "\n".join(ann)
+            + (serving_rows(doc["serving"]) if "serving" in doc else ""))
+
+
+def serving_rows(doc: dict) -> str:
+    rows = ["| clients | searches/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
+    rows += [f"| {r['clients']} | {r['searches_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |"
+             for r in doc["warm"]]
+    return ("\n\nServed over HTTP (full cascade, warm caches):\n\n" + "\n".join(rows) +
+            f"\n\nCold searches (new texts, empty caches): p50 {doc['cold_new_texts']['p50_ms']} ms, "
+            f"p99 {doc['cold_new_texts']['p99_ms']} ms.")
+
+
+def gpu_section(results: Path, out: Path) -> str | None:
+    doc = load(results / "gpu_h200.json")
+    if doc is None:
+        return None
+    s, b = doc["serve"], doc["index_vit_b_16"]
+    levels = ["| level | image GFLOPs | cold p50 ms | images encoded per cold query | warm p50 ms |",
+              "|---|---|---|---|---|"]
+    levels += [f"| {c['model']} | {g:.1f} | {c['p50_ms']} | {c['encoded_per_query']} | {w['p50_ms']} |"
+               for c, w, g in zip(s["cold"]["levels"], s["warm"]["levels"], s["gflops"])]
+    load_rows = ["| clients | depth | searches/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    load_rows += [f"| {r['clients']} | {r['depth']} | {r['searches_per_s']} | {r['p50_ms']} | {r['p99_ms']} |"
+                  for r in s["load"]]
+    return (f"## On a GPU (`bench/gpu.py`, {doc['card']}, {doc['cpus']} CPU cores)\n\n"
+            f"{doc['images']} images, batch {doc['batch_size']}; the ladder {' -> '.join(s['ladder'])} with random "
+            f"weights, served over HTTP on 127.0.0.1. Each level's own time inside a served search (medians over 30 "
+            f"queries; cold: new texts against empty caches, whole search p50 {s['cold']['client']['p50_ms']} ms; "
+            f"warm: whole search p50 {s['warm']['client']['p50_ms']} ms):\n\n" + "\n".join(levels) +
+            "\n\nWarm closed-loop load, cascade cut at each depth:\n\n" + "\n".join(load_rows) +
+            f"\n\nIndexing in the same run (ViT-B-16 level 0, CPU tasks decode, one GPU actor encodes): bare loop "
+            f"{b['bare_images_per_s']} img/s, job {b['job_images_per_s']} img/s end to end ({b['job_startup_s']} s "
+            f"start-up), {b['job_steady_images_per_s']} after start-up. This run predates the encoder normalising "
+            "on the GPU: see the index-throughput table for the run after it.")
 
 
 def plan_section(results: Path, out: Path) -> str | None:
@@ -216,7 +251,7 @@ def rss_section(results: Path, out: Path) -> str | None:
 
 SECTIONS: list[Section] = [
     curves, eval_tables, simulate_tables, plan_section, query_section, build_section, rss_section, audit_section,
-    million_section,
+    million_section, gpu_section,
     generic("ann_1m_cpu.json", "Level-0 ANN at 1M vectors (`bench/ann.py`)", "Recall@50 against exact search and p50 "
             "latency of the IVF indexes, on clustered unit vectors (not text queries: see the million-image run)."),
     generic("costs_measure_cpu.json", "Encoder cost, counted and measured (`bicascade costs --measure`)",

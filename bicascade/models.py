@@ -442,7 +442,7 @@ class LoadedModel:
 
     def encode_crops(self, crops: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) from `preprocess.crop` -> embeddings."""
-        return self.encode_pixels(self.preprocess.normalize(crops))
+        return self.encode_pixels(self.preprocess.normalize(crops, self.device))
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:

@@ -43,3 +43,20 @@ def test_a_truncated_file_is_a_clear_error():
     data = saved(picture(), "JPEG", quality=90)
     with pytest.raises(BadInputError, match="cannot decode|not an image"):
         images.load(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("arch", ["ViT-B-32", "RN50"])
+def test_crop_then_normalize_is_open_clips_eval_transform(arch):
+    """Decode workers crop, the encoder normalises (on its own device): together exactly open_clip's transform."""
+    import torch
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from bicascade import models
+
+    cfg, _ = models.describe(models.ModelSpec(f"t/{arch}", arch))
+    prep = images.Preprocessor(cfg)
+    pics = [picture(), picture().rotate(90, expand=True)]
+    got = prep.normalize(np.stack([prep.crop(p) for p in pics]), torch.device("cpu"))
+    want = torch.stack([image_transform_v2(PreprocessCfg(**cfg), is_train=False)(p) for p in pics])
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5)

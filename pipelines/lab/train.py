@@ -183,7 +183,7 @@ def train_level(arch: str, data: TrainData, schedule: Schedule, objective: Objec
         order = np.random.default_rng([schedule.seed, epoch]).permutation(n)  # deterministic: resume sees the same data
         idx = order[k * schedule.batch_size:(k + 1) * schedule.batch_size]
         pick = np.random.default_rng([schedule.seed, step, 1]).integers(tokens.shape[1], size=len(idx))
-        batch = Batch(prep.normalize(pixels[idx]).to(dev), idx, pick, tokens[idx, pick].to(dev))
+        batch = Batch(prep.normalize(pixels[idx], dev), idx, pick, tokens[idx, pick].to(dev))
         stage = max(i for i, b in enumerate(bounds[:-1]) if b <= step)
         for g in opt.param_groups:
             g["lr"] = _lr(step - bounds[stage], bounds[stage + 1] - bounds[stage], schedule)
