@@ -89,7 +89,8 @@ def ann_quality(db: str, root: Path, queries: int, rng: np.random.Generator) -> 
     truth = [set(ids[np.argpartition(-(matrix @ q), 50)[:50]]) for q in qv]
     params = tables.ann_params(len(ids), min_rows=0)
     rows = []
-    for nprobes in sorted({params.nprobes, 2 * params.nprobes, 4 * params.nprobes, 8 * params.nprobes}):
+    n = params.nprobes
+    for nprobes in sorted({max(1, n // 2), n, min(params.num_partitions, 2 * n)}):
         for refine in (params.refine_factor, 2 * params.refine_factor):
             p = replace(params, nprobes=nprobes, refine_factor=refine)
             lat, hit = [], []
