@@ -191,9 +191,11 @@ def serving_rows(doc: dict) -> str:
 
 
 def gpu_section(results: Path, out: Path) -> str | None:
-    doc = load(results / "gpu_h200.json")
-    if doc is None:
-        return None
+    parts = [gpu_run(json.loads(path.read_text())) for path in sorted(results.glob("gpu*.json"))]
+    return "\n\n".join(parts) if parts else None
+
+
+def gpu_run(doc: dict) -> str:
     s, b = doc["serve"], doc["index_vit_b_16"]
     levels = ["| level | image GFLOPs | cold p50 ms | images encoded per cold query | warm p50 ms |",
               "|---|---|---|---|---|"]
