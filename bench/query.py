@@ -1,7 +1,7 @@
 """Query serving, measured in one run: warm-cache searches through `bicascade serve` over HTTP on 127.0.0.1 with 1
-and 8 clients, full cascade vs level 0 alone, beside the same queries through the in-process cascade; where the
-time goes per hop; cold queries (empty caches) over HTTP and the cold-query cost of 3 vs 2 levels against Eq. 2.
-Prints JSON with the ratios. Not a test.
+and 8 clients, full cascade vs level 0 alone, through Serve's proxy and with direct ingress (`serve --direct`),
+beside the same queries through the in-process cascade; where the time goes per hop; cold queries (empty caches)
+over HTTP and the cold-query cost of 3 vs 2 levels against Eq. 2. Prints JSON with the ratios. Not a test.
 
     python bench/query.py [--db work/db] [--queries 30] [--seconds 15] [--out bench/results/query_cpu.json]
 """
@@ -102,24 +102,30 @@ def main() -> None:
                 tables.Database(cold_db).drop(tables.emb_table(info.fingerprint))
         cold = cold_costs(cold_db, queries[:10])
         local = in_process(cold_db, queries, args.rounds)
-        url = server.start(AppConfig(db=cold_db, rate=0), port=free_port())
-        try:
-            c = Client(url)
-            fresh = [f"{q} (cold {i})" for i, q in enumerate(queries)]
-            cold_http = [c.search({"query": q, "k": 10})[0] for q in fresh]  # new texts, partly cached images
-            for q in queries:
-                c.search({"query": q, "k": 10})  # every candidate of the measured queries now cached
-            hops = breakdown(url, queries, args.rounds)
-            runs = [load(url, queries, n, args.seconds, d) for n in (1, 8) for d in (None, 1)]
-        finally:
-            server.stop()
-        by = {(r["clients"], r["depth"]): r for r in runs}
+        runs, hops, cold_http = [], {}, None
+        for ingress in ("proxy", "direct"):  # proxy first: direct ingress stays on in this process's later clusters
+            url = server.start(AppConfig(db=cold_db, rate=0), port=free_port(), direct=ingress == "direct")
+            try:
+                c = Client(url)
+                if cold_http is None:
+                    fresh = [f"{q} (cold {i})" for i, q in enumerate(queries)]
+                    cold_http = [c.search({"query": q, "k": 10})[0] for q in fresh]  # new texts, partly cached images
+                for q in queries:
+                    c.search({"query": q, "k": 10})  # every candidate of the measured queries now cached
+                hops[ingress] = breakdown(url, queries, args.rounds)
+                runs += [{"ingress": ingress, **load(url, queries, n, args.seconds, d)} for n in (1, 8)
+                         for d in (None, 1)]
+            finally:
+                server.stop()
+        by = {(r["ingress"], r["clients"], r["depth"]): r for r in runs}
         result = {
             "db": args.db, "ladder": ladder.name, "levels": ladder.names, "queries": len(queries),
             "in_process": local, "http": runs, "breakdown_ms_one_client": hops, "cold_http_new_texts": pct(cold_http),
-            "ratios": {"http_8_clients_over_in_process": round(by[(8, "all")]["searches_per_s"] /
-                                                              local["searches_per_s"], 3),
-                       "depth3_over_depth1_p50_one_client": round(by[(1, "all")]["p50_ms"] / by[(1, 1)]["p50_ms"], 3)},
+            "ratios": {ingress: {"http_8_clients_over_in_process": round(by[(ingress, 8, "all")]["searches_per_s"] /
+                                                                         local["searches_per_s"], 3),
+                                 "depth3_over_depth1_p50_one_client": round(by[(ingress, 1, "all")]["p50_ms"] /
+                                                                            by[(ingress, 1, 1)]["p50_ms"], 3)}
+                       for ingress in hops},
             "cold_in_process": cold}
         emit(result, args.out)
     finally:

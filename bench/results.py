@@ -110,21 +110,27 @@ def query_section(results: Path, out: Path) -> str | None:
     doc = load(results / "query_cpu.json")
     if doc is None:
         return None
-    rows = ["| clients | depth | searches/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
-    rows += ["| " + " | ".join(str(r[k]) for k in ("clients", "depth", "searches_per_s", "p50_ms", "p99_ms", "errors"))
-             + " |" for r in doc["http"]]
+    rows = ["| ingress | clients | depth | searches/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
+    rows += ["| " + " | ".join(str(r.get(k, "proxy")) for k in ("ingress", "clients", "depth", "searches_per_s",
+                                                                  "p50_ms", "p99_ms", "errors")) + " |"
+             for r in doc["http"]]
     local = doc["in_process"]
     hops = doc["breakdown_ms_one_client"]
+    hops = hops if "proxy" in hops else {"proxy": hops}  # runs before `serve --direct` measured the proxy alone
+    ratios = doc["ratios"] if "proxy" in doc["ratios"] else {"proxy": doc["ratios"]}
     cold = doc["cold_in_process"]
     return ("## Serving (`bench/query.py`)\n\n"
             f"Database `{doc['db']}` (ladder {doc['ladder']}), {doc['queries']} distinct queries repeated, warm "
-            "caches, through `bicascade serve` over HTTP on 127.0.0.1, in one run:\n\n" + "\n".join(rows) + "\n\n"
+            "caches, through `bicascade serve` over HTTP on 127.0.0.1 (through Serve's proxy, and with `--direct`: "
+            "the ingress replica answering HTTP itself), in one run:\n\n" + "\n".join(rows) + "\n\n"
             f"The same queries in process (`query.LocalSearch`, one thread, every text embedding computed): "
-            f"{local['searches_per_s']} searches/s, p50 {local['p50_ms']} ms. HTTP at 8 clients over in process: "
-            f"{doc['ratios']['http_8_clients_over_in_process']}; depth 3 over depth 1, p50 with one client: "
-            f"{doc['ratios']['depth3_over_depth1_p50_one_client']}.\n\n"
+            f"{local['searches_per_s']} searches/s, p50 {local['p50_ms']} ms. " +
+            " ".join(f"{ingress}: HTTP at 8 clients over in process {r['http_8_clients_over_in_process']}, depth 3 "
+                     f"over depth 1 (p50, one client) {r['depth3_over_depth1_p50_one_client']}."
+                     for ingress, r in ratios.items()) + "\n\n"
             "Where a warm search's time goes (one client, medians, ms): " +
-            ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in hops.items()) + ".\n\n"
+            "; ".join(f"{ingress}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in h.items())
+                      for ingress, h in hops.items()) + ".\n\n"
             f"Cold queries (new texts) over HTTP: p50 {doc['cold_http_new_texts']['p50_ms']} ms. Cold-query image "
             f"encoding in process, [s, l] over [s, m, l]: {cold['f_latency_measured_flops']:.2f} in FLOPs, "
             f"{cold['f_latency_measured_seconds']:.2f} in seconds; Eq. 2: {cold['f_latency_eq2']:.2f}.")

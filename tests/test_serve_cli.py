@@ -1,6 +1,7 @@
 """`bicascade serve` and `bicascade search` as a user runs them: subprocesses with their own Ray cluster."""
 import concurrent.futures as cf
 
+import psutil
 import pytest
 import requests
 
@@ -27,11 +28,20 @@ def shed_under_overload(url: str) -> None:
     assert requests.post(f"{url}/search", json=bodies[0], timeout=120).status_code == 200
 
 
+def listener(url: str) -> str:
+    """The command line of the process that listens on the URL's port."""
+    port = int(url.rsplit(":", 1)[1])
+    pid = next(c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
+    return " ".join(psutil.Process(pid).cmdline())
+
+
 def test_serve_stops_cleanly_keeps_its_cache_across_a_restart_and_sheds_overload_with_503(tiny_db):
     body = {"query": "two small orange diamonds in a row", "k": 5}
     runs = []
-    for flags in ((), ("--max-inflight", "2")):  # the restart also shows the in-flight bound
+    # the restart also shows the in-flight bound, and direct ingress: the Api replica itself on the port, no proxy
+    for flags, process in (((), "ProxyActor"), (("--max-inflight", "2", "--direct"), "ServeReplica:bicascade:Api")):
         with serving(tiny_db, *flags) as server:  # no --ladder: the database's own
+            assert process in listener(server.url)
             runs.append(requests.post(f"{server.url}/search", json=body, timeout=120).json()["stats"]["levels"])
             if flags:
                 shed_under_overload(server.url)
@@ -65,3 +75,9 @@ def test_search_works_where_ray_cannot_be_imported(tiny_db, tmp_path):
                        env={"PYTHONPATH": str(tmp_path / "stub")})
     assert [r["id"] for r in without["results"]] == [r["id"] for r in with_ray["results"]]
     assert [r["score"] for r in without["results"]] == pytest.approx([r["score"] for r in with_ray["results"]])
+
+
+def test_direct_ingress_refuses_what_it_cannot_serve(tiny_db):
+    r = cli("serve", "--db", tiny_db, "--direct", check=False, env={"RAY_ADDRESS": "127.0.0.1:1"})
+    assert r.returncode == 2 and "direct ingress starts a cluster of its own" in r.stderr
+    assert "Traceback" not in r.stderr
