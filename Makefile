@@ -52,6 +52,10 @@ figures: $(STAMP) ## re-measure everything docs/RESULTS.md shows (hours on 2 cor
 	$(BIN)/bicascade simulate --db work/db --queries 10000 --report work/report --json > $(R)/simulate_synthetic.json
 	$(BIN)/bicascade plan --db work/db --report docs --json > $(R)/plan_synthetic.json && mv docs/frontier.png docs/plan_frontier.png
 	$(BIN)/bicascade eval --db work/db --plan $(R)/plan_synthetic.json --json > $(R)/eval_synthetic_plan.json
+	$(BIN)/bicascade train --ladder synthetic-vit --world work/world && $(BIN)/bicascade distill --ladder synthetic-spds \
+	  --world work/world && $(BIN)/bicascade distill --ladder synthetic-vit-patches --world work/world
+	for l in synthetic-vit synthetic-spds synthetic-vit-patches; do \
+	  $(BIN)/bicascade eval --ladder $$l --world work/world --json > $(R)/eval_$$l.json || exit 1; done
 	$(BIN)/python bench/query.py --out $(R)/query_cpu.json
 	$(BIN)/python bench/build.py --out $(R)/build_cpu.json
 	$(BIN)/python bench/rss.py --out $(R)/rss_cpu.json

@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,9 +74,9 @@ class CacheWriter:
         self._maybe_recycle()
         self.cache.put(ids, vectors)
 
-    def hit(self, ids: list[str]) -> None:
+    def hit(self, counts: dict[str, int]) -> None:
         self._maybe_recycle()
-        self.cache.hit(ids)
+        self.cache.hit(counts)
 
     def pid(self) -> int:
         return os.getpid()
@@ -136,23 +136,25 @@ def writer_for(db: str, level: LevelInfo, max_rows: int | None = None) -> ray.ac
 
 
 class HitBuffer:
-    """Cache hits of one level, sent to its writer about once a second (not one call per query)."""
+    """Cache hits of one level, counted per id and sent to its writer about once a second (not one call per query,
+    nor one id per hit: sending every hit, 64 ids a search, added 0.7 to 1.6 ms to a warm full-cascade p50 on 2
+    cores, in three paired runs)."""
 
     def __init__(self, writer: ray.actor.ActorHandle, every_s: float = 1.0) -> None:
-        self.writer, self.ids, self.lock = writer, [], threading.Lock()
+        self.writer, self.counts, self.lock = writer, Counter(), threading.Lock()
         stop = threading.Event()
 
         def loop() -> None:
             while not stop.wait(every_s):
                 with self.lock:
-                    ids, self.ids = self.ids, []
-                if ids:
-                    self.writer.hit.remote(ids)
+                    counts, self.counts = self.counts, Counter()
+                if counts:
+                    self.writer.hit.remote(dict(counts))
         threading.Thread(target=loop, daemon=True, name="bicascade-hits").start()
 
-    def add(self, ids: list[str]) -> None:
+    def add(self, counts: dict[str, int]) -> None:
         with self.lock:
-            self.ids += ids
+            self.counts.update(counts)
 
 
 class Audit:

@@ -42,14 +42,14 @@ def in_process(db: str, queries: list[str], rounds: int) -> dict:
     return {"searches_per_s": round(len(lat) / wall, 1), **pct(lat)}
 
 
-def breakdown(url: str, queries: list[str], rounds: int) -> dict:
+def breakdown(url: str, queries: list[str], rounds: int, depth: int | None = None) -> dict:
     """Where a warm search's time goes, one client: client total, the proxy (total - ingress), the ingress
     (ingress - router), and inside the router: query embeddings (cached by text), the cascade, the rest."""
     c = Client(url)
     rows = []
     for _ in range(rounds):
         for q in queries:
-            total, doc, ingress = c.search({"query": q, "k": 10})
+            total, doc, ingress = c.search({"query": q, "k": 10, "levels": depth})
             t = doc["stats"]["timing"]
             rows.append({"client_total": total, "proxy_and_http": total - ingress, "ingress": ingress - t["router_ms"],
                          "router_query_vectors": t["query_vectors_ms"], "router_cascade": t["cascade_ms"],
@@ -112,7 +112,8 @@ def main() -> None:
                     cold_http = [c.search({"query": q, "k": 10})[0] for q in fresh]  # new texts, partly cached images
                 for q in queries:
                     c.search({"query": q, "k": 10})  # every candidate of the measured queries now cached
-                hops[ingress] = breakdown(url, queries, args.rounds)
+                hops[ingress] = {"all": breakdown(url, queries, args.rounds),  # depth 1: what the extra levels add
+                                 "1": breakdown(url, queries, args.rounds, depth=1)}
                 runs += [{"ingress": ingress, **load(url, queries, n, args.seconds, d)} for n in (1, 8)
                          for d in (None, 1)]
             finally:

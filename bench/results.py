@@ -48,6 +48,31 @@ def eval_tables(results: Path, out: Path) -> str | None:
     return "## Recall per level and cascade (`bicascade eval`)\n\n" + "\n\n".join(parts) if parts else None
 
 
+CHEAP_LEVELS = {  # the eval files compared in one table, and how each ladder's levels were made
+    "eval_synthetic-vit.json": "trained on its own (120,000 samples)",
+    "eval_synthetic-spds.json": "synthetic-vit-d6 trained on with SPDS (120,000 more samples): its first d blocks",
+    "eval_synthetic-vit-patches.json": "synthetic-vit-d6 on a fixed share of its patch tokens, no training",
+}
+
+
+def cheap_levels(results: Path, out: Path) -> str | None:
+    rows, seen = ["| level | made as | image GFLOPs | R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|"], set()
+    for name, made in CHEAP_LEVELS.items():
+        doc = load(results / name)
+        for lv in doc["levels"] if doc else []:
+            if lv["model"] not in seen:
+                seen.add(lv["model"])
+                r = lv["recall"]
+                rows.append(f"| {lv['model']} | {made} | {lv['gflops']:.4f} | {r['1']:.3f} | {r['5']:.3f} | "
+                            f"{r['10']:.3f} |")
+    if not seen:
+        return None
+    return ("## Cheap levels of one ViT: independent, self-pruned, patch-dropped (`bicascade eval --ladder ...`)\n\n"
+            "The 6-block ViT of `synthetic-vit` against cheaper levels made three ways, on the world's test split "
+            "(the files' own tables, with their cascades, are under Recall per level and cascade):\n\n" +
+            "\n".join(rows))
+
+
 def simulate_tables(results: Path, out: Path) -> str | None:
     parts = []
     for path in sorted(results.glob("simulate_*.json")):
@@ -117,6 +142,7 @@ def query_section(results: Path, out: Path) -> str | None:
     local = doc["in_process"]
     hops = doc["breakdown_ms_one_client"]
     hops = hops if "proxy" in hops else {"proxy": hops}  # runs before `serve --direct` measured the proxy alone
+    hops = {ingress: h if "all" in h else {"all": h} for ingress, h in hops.items()}  # and only the full depth
     ratios = doc["ratios"] if "proxy" in doc["ratios"] else {"proxy": doc["ratios"]}
     cold = doc["cold_in_process"]
     return ("## Serving (`bench/query.py`)\n\n"
@@ -129,8 +155,8 @@ def query_section(results: Path, out: Path) -> str | None:
                      f"over depth 1 (p50, one client) {r['depth3_over_depth1_p50_one_client']}."
                      for ingress, r in ratios.items()) + "\n\n"
             "Where a warm search's time goes (one client, medians, ms): " +
-            "; ".join(f"{ingress}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in h.items())
-                      for ingress, h in hops.items()) + ".\n\n"
+            "; ".join(f"{ingress}, depth {depth}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in h.items())
+                      for ingress, by_depth in hops.items() for depth, h in by_depth.items()) + ".\n\n"
             f"Cold queries (new texts) over HTTP: p50 {doc['cold_http_new_texts']['p50_ms']} ms. Cold-query image "
             f"encoding in process, [s, l] over [s, m, l]: {cold['f_latency_measured_flops']:.2f} in FLOPs, "
             f"{cold['f_latency_measured_seconds']:.2f} in seconds; Eq. 2: {cold['f_latency_eq2']:.2f}.")
@@ -276,9 +302,8 @@ def ann_section(results: Path, out: Path) -> str | None:
 
 
 SECTIONS: list[Section] = [
-    curves, eval_tables, simulate_tables, plan_section, query_section, build_section, rss_section, audit_section,
-    million_section, gpu_section,
-    ann_section,
+    curves, eval_tables, cheap_levels, simulate_tables, plan_section, query_section, build_section, rss_section,
+    audit_section, million_section, gpu_section, ann_section,
     generic("costs_measure_cpu.json", "Encoder cost, counted and measured (`bicascade costs --measure`)",
             "GFLOPs on the real architectures and seconds per image measured here with random weights."),
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 
 import numpy as np
@@ -64,7 +64,7 @@ class LevelCache:
     def __init__(self, db: tables.Database, fingerprint: str, dim: int, flush_rows: int = 256,
                  flush_s: float = 5.0, front_bytes: int = DEFAULT_FRONT_BYTES,
                  sink: Callable[[list[str], np.ndarray], None] | None = None, max_rows: int | None = None,
-                 hit_sink: Callable[[list[str]], None] | None = None) -> None:
+                 hit_sink: Callable[[dict[str, int]], None] | None = None) -> None:
         self.db, self.fingerprint, self.dim, self.sink = db, fingerprint, dim, sink
         self.name, self.schema = tables.emb_table(fingerprint), tables.cache_schema(dim)
         self.max_rows, self.hit_sink = max_rows, hit_sink
@@ -89,7 +89,7 @@ class LevelCache:
             found.update(stored)
             self.remember(stored)
         if found:
-            (self.hit_sink or self.hit)(list(found))
+            (self.hit_sink or self.hit)(dict.fromkeys(found, 1))
         return found
 
     def put(self, ids: Sequence[str], vectors: np.ndarray) -> None:
@@ -141,13 +141,14 @@ class LevelCache:
             self.db.table(self.name).add_columns([pa.field("last_hit", pa.float64()), pa.field("hits", pa.int64())])
             self.db.forget(self.name)
 
-    def hit(self, ids: Sequence[str]) -> None:
-        """Count cache hits (written with the next flush): eviction keeps what is hit, and the hits measure p."""
+    def hit(self, counts: Mapping[str, int]) -> None:
+        """Count cache hits, id -> hits (written with the next flush): eviction keeps what is hit, and the hits
+        measure p."""
         now = time.time()
         with self.lock:
-            for i in ids:
+            for i, c in counts.items():
                 n, _ = self.hits.get(i, (0, now))
-                self.hits[i] = (n + 1, now)
+                self.hits[i] = (n + c, now)
 
     def apply_hits(self) -> int:
         """Add the counted hits to the table in one commit: each id's new total, read first (this is the table's one

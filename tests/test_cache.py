@@ -61,7 +61,7 @@ def test_hit_counts_land_per_id_in_one_commit_and_a_warm_stream_does_not_fragmen
     db, store, ids = stored(tmp_path, 30)
     for _ in range(3 * cache.COMPACT_EVERY):
         for n, i in enumerate(ids):
-            store.hit([i] * (n % 4 + 1))  # four distinct counts in every round
+            store.hit({i: n % 4 + 1})  # four distinct counts in every round
         version = db.version(store.name)
         store.apply_hits()
         if store.commits:  # no compaction this round
@@ -78,7 +78,7 @@ def test_compaction_drops_old_versions_so_a_long_stream_does_not_pile_them_up(tm
     monkeypatch.setattr(tables, "KEEP_VERSIONS", timedelta(0))
     db, store, ids = stored(tmp_path, 10)
     for _ in range(2 * cache.COMPACT_EVERY):
-        store.hit(ids)
+        store.hit(dict.fromkeys(ids, 1))
         store.apply_hits()
     kept = len(db.table(store.name).list_versions())
     assert kept <= cache.COMPACT_EVERY + 2, kept  # without the cleanup: over 2 x COMPACT_EVERY

@@ -70,9 +70,9 @@ PROFILES = {p.name: p for p in [
     # ViTs trained independently at depths 2, 4 and 6: what self-pruning's prefixes of one model are measured against
     Profile("synthetic-vit", VIT),
     # self-pruning: synthetic-vit's 6-block ViT trained on with SPDS, so that its first 2 and 4 blocks are levels too
-    # (from random weights, the same 60,000 samples gave a full model at half the independent one's R@1)
+    # (from random weights, 60,000 samples gave a full model at half the independent one's R@1, when both had 60,000)
     Profile("synthetic-spds", VIT, objective=SelfPruning(), start_from="synthetic-vit"),
-    # the control for synthetic-spds: the independent ViTs of depths 2 and 6 trained on for the same 60,000 samples
+    # the control for synthetic-spds: the independent ViTs of depths 2 and 6 trained on for as many samples again
     Profile("synthetic-vit-continued", (VIT[0], VIT[2]), start_from="synthetic-vit"),
     # a model upgrade to migrate the demo db to: the default ladder's top level trained on for 60,000 more samples
     Profile("synthetic-l-continued", ("bc-synth-l",), start_from="synthetic", schedule=Schedule(60_000, lr=5e-4)),
