@@ -106,7 +106,7 @@ def test_a_cache_writer_recycles_its_process_and_loses_nothing(tmp_path):
             ids = [f"{batch:03d}-{i}" for i in range(10)]
             v = rng.normal(size=(10, 16)).astype(np.float32)
             ray.get(writer.put.remote(ids, v / np.linalg.norm(v, axis=1, keepdims=True)))  # a commit each
-            ray.get(writer.hit.remote(ids[:3]))
+            ray.get(writer.hit.remote(dict.fromkeys(ids[:3], 1)))
             written += ids
             pids.add(ray.get(writer.pid.remote()))
         ray.get(writer.flush.remote())
