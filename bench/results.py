@@ -203,7 +203,9 @@ def million_section(results: Path, out: Path) -> str | None:
     ann = ["| nprobes | refine | recall@50 (text queries) | p50 ms |", "|---|---|---|---|"]
     ann += [f"| {a['nprobes']} | {a['refine_factor']} | {a['recall_at_50']} | {a['p50_ms']} |" for a in doc["ann"]]
     return (f"## A million images (`bench/million.py`)\n\n![throughput and memory](million.png)\n\n"
-            f"{doc['images']} images generated in {doc['generated_s']} s; indexed in {doc['index_first_run_s']} s "
+            f"{doc['images']} images "
+            + (f"generated in {doc['generated_s']} s" if doc["generated_s"] is not None else
+               "(the world of an earlier run, reused)") + f"; indexed in {doc['index_first_run_s']} s "
             f"until a SIGKILL at {doc['killed_at_ledgered']} ledgered images, then resumed in "
             f"{doc['index_resume_s']} s; "
             f"{doc['rows']} level-0 rows and {doc['image_rows']} images (exactly once: {doc['exactly_once']}); "
@@ -214,9 +216,9 @@ def million_section(results: Path, out: Path) -> str | None:
 
 
 def serving_rows(doc: dict) -> str:
-    rows = ["| clients | searches/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
-    rows += [f"| {r['clients']} | {r['searches_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |"
-             for r in doc["warm"]]
+    rows = ["| ingress | clients | searches/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+    rows += [f"| {r.get('ingress', 'proxy')} | {r['clients']} | {r['searches_per_s']} | {r['p50_ms']} | "
+             f"{r['p99_ms']} | {r['errors']} |" for r in doc["warm"]]
     return ("\n\nServed over HTTP (full cascade, warm caches):\n\n" + "\n".join(rows) +
             f"\n\nCold searches (new texts, empty caches): p50 {doc['cold_new_texts']['p50_ms']} ms, "
             f"p99 {doc['cold_new_texts']['p99_ms']} ms.")
