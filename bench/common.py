@@ -1,21 +1,32 @@
-"""What every benchmark here shares: a free loopback port, closed-loop HTTP clients of `/search`, percentiles, and
-the one JSON document it prints (and writes)."""
+"""What every benchmark here shares: a free loopback port, the server through each ingress, closed-loop HTTP
+clients of `/search`, percentiles, and the one JSON document it prints (and writes)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import requests
 
+from bicascade.pipelines.ingest.cluster import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def each_ingress(db: str) -> Iterator[tuple[str, str]]:
+    """(ingress, url): `bicascade serve` on `db` (no rate limit) through Serve's proxy, then with direct ingress
+    (`serve --direct`), each stopped before the next starts. Proxy first: direct ingress stays on in this process's
+    later clusters."""
+    from bicascade.serve import server
+    from bicascade.serve.app import AppConfig
+
+    for ingress in ("proxy", "direct"):
+        url = server.start(AppConfig(db=db, rate=0), port=free_port(), direct=ingress == "direct")
+        try:
+            yield ingress, url
+        finally:
+            server.stop()
 
 
 def emit(result: dict, out: str | None) -> None:

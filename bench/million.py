@@ -25,12 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from common import Client, free_port, load, pct
+from common import Client, each_ingress, load, pct
 
 from bicascade import models, query
 from bicascade.pipelines.lab import train, world
-from bicascade.serve import server
-from bicascade.serve.app import AppConfig
 from bicascade.storage import tables
 
 
@@ -114,17 +112,13 @@ def served(db: str, root: Path, rng: np.random.Generator, seconds: float = 15.0)
     picks = rng.choice(len(caps), 60, replace=False)
     cold_texts, warm_texts = [caps[i][1] for i in picks[:30]], [caps[i][2] for i in picks[30:]]
     out: dict = {"warm": []}
-    for ingress in ("proxy", "direct"):  # proxy first: direct ingress stays on in this process's later clusters
-        url = server.start(AppConfig(db=db, rate=0), port=free_port(), direct=ingress == "direct")
-        try:
-            c = Client(url)
-            if "cold_new_texts" not in out:
-                out["cold_new_texts"] = pct([c.search({"query": q, "k": 10})[0] for q in cold_texts])
-            for q in warm_texts:
-                c.search({"query": q, "k": 10})
-            out["warm"] += [{"ingress": ingress, **load(url, warm_texts, n, seconds, None)} for n in (1, 8)]
-        finally:
-            server.stop()
+    for ingress, url in each_ingress(db):
+        c = Client(url)
+        if "cold_new_texts" not in out:
+            out["cold_new_texts"] = pct([c.search({"query": q, "k": 10})[0] for q in cold_texts])
+        for q in warm_texts:
+            c.search({"query": q, "k": 10})
+        out["warm"] += [{"ingress": ingress, **load(url, warm_texts, n, seconds, None)} for n in (1, 8)]
     return out
 
 

@@ -14,14 +14,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import Client, emit, free_port, load, pct
+from common import Client, each_ingress, emit, load, pct
 
 from bicascade import query
 from bicascade.cascade import Cascade, DictCache, f_latency
 from bicascade.pipelines.lab import world
 from bicascade.pipelines.measure import evaluate
-from bicascade.serve import server
-from bicascade.serve.app import AppConfig
 from bicascade.storage import tables
 
 
@@ -103,21 +101,16 @@ def main() -> None:
         cold = cold_costs(cold_db, queries[:10])
         local = in_process(cold_db, queries, args.rounds)
         runs, hops, cold_http = [], {}, None
-        for ingress in ("proxy", "direct"):  # proxy first: direct ingress stays on in this process's later clusters
-            url = server.start(AppConfig(db=cold_db, rate=0), port=free_port(), direct=ingress == "direct")
-            try:
-                c = Client(url)
-                if cold_http is None:
-                    fresh = [f"{q} (cold {i})" for i, q in enumerate(queries)]
-                    cold_http = [c.search({"query": q, "k": 10})[0] for q in fresh]  # new texts, partly cached images
-                for q in queries:
-                    c.search({"query": q, "k": 10})  # every candidate of the measured queries now cached
-                hops[ingress] = {"all": breakdown(url, queries, args.rounds),  # depth 1: what the extra levels add
-                                 "1": breakdown(url, queries, args.rounds, depth=1)}
-                runs += [{"ingress": ingress, **load(url, queries, n, args.seconds, d)} for n in (1, 8)
-                         for d in (None, 1)]
-            finally:
-                server.stop()
+        for ingress, url in each_ingress(cold_db):
+            c = Client(url)
+            if cold_http is None:
+                fresh = [f"{q} (cold {i})" for i, q in enumerate(queries)]
+                cold_http = [c.search({"query": q, "k": 10})[0] for q in fresh]  # new texts, partly cached images
+            for q in queries:
+                c.search({"query": q, "k": 10})  # every candidate of the measured queries now cached
+            hops[ingress] = {"all": breakdown(url, queries, args.rounds),  # depth 1: what the extra levels add
+                             "1": breakdown(url, queries, args.rounds, depth=1)}
+            runs += [{"ingress": ingress, **load(url, queries, n, args.seconds, d)} for n in (1, 8) for d in (None, 1)]
         by = {(r["ingress"], r["clients"], r["depth"]): r for r in runs}
         result = {
             "db": args.db, "ladder": ladder.name, "levels": ladder.names, "queries": len(queries),

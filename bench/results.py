@@ -136,15 +136,9 @@ def query_section(results: Path, out: Path) -> str | None:
     if doc is None:
         return None
     rows = ["| ingress | clients | depth | searches/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
-    rows += ["| " + " | ".join(str(r.get(k, "proxy")) for k in ("ingress", "clients", "depth", "searches_per_s",
-                                                                  "p50_ms", "p99_ms", "errors")) + " |"
-             for r in doc["http"]]
-    local = doc["in_process"]
-    hops = doc["breakdown_ms_one_client"]
-    hops = hops if "proxy" in hops else {"proxy": hops}  # runs before `serve --direct` measured the proxy alone
-    hops = {ingress: h if "all" in h else {"all": h} for ingress, h in hops.items()}  # and only the full depth
-    ratios = doc["ratios"] if "proxy" in doc["ratios"] else {"proxy": doc["ratios"]}
-    cold = doc["cold_in_process"]
+    rows += ["| " + " | ".join(str(r[k]) for k in ("ingress", "clients", "depth", "searches_per_s", "p50_ms", "p99_ms",
+                                                   "errors")) + " |" for r in doc["http"]]
+    local, hops, ratios, cold = doc["in_process"], doc["breakdown_ms_one_client"], doc["ratios"], doc["cold_in_process"]
     return ("## Serving (`bench/query.py`)\n\n"
             f"Database `{doc['db']}` (ladder {doc['ladder']}), {doc['queries']} distinct queries repeated, warm "
             "caches, through `bicascade serve` over HTTP on 127.0.0.1 (through Serve's proxy, and with `--direct`: "
@@ -217,7 +211,7 @@ def million_section(results: Path, out: Path) -> str | None:
 
 def serving_rows(doc: dict) -> str:
     rows = ["| ingress | clients | searches/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
-    rows += [f"| {r.get('ingress', 'proxy')} | {r['clients']} | {r['searches_per_s']} | {r['p50_ms']} | "
+    rows += [f"| {r['ingress']} | {r['clients']} | {r['searches_per_s']} | {r['p50_ms']} | "
              f"{r['p99_ms']} | {r['errors']} |" for r in doc["warm"]]
     return ("\n\nServed over HTTP (full cascade, warm caches):\n\n" + "\n".join(rows) +
             f"\n\nCold searches (new texts, empty caches): p50 {doc['cold_new_texts']['p50_ms']} ms, "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 
 import ray
@@ -45,18 +44,12 @@ def deploy(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: s
         if config.replicas.get("Api", 1) != 1:
             raise BadInputError("direct ingress serves one port from one Api replica: drop Api from --replicas")
         config.replicas["Api"] = 1
-        port, served = _free_port(host), port  # Serve still starts its proxy: on a port of its own, unused
+        port, served = cluster.free_port(host), port  # Serve still starts its proxy: on a port of its own, unused
     else:
         served = port
     serve.start(http_options={"host": host, "port": port})
     serve.run(build(config), name=name, route_prefix=route_prefix)
     return f"http://{host}:{served}{route_prefix.rstrip('/')}"
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def start(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "bicascade",
@@ -89,11 +82,13 @@ def follow(config: AppConfig, host: str, port: int, done: threading.Event, every
     seen = [r["fingerprint"] for r in db.recorded_ladder()]
     while not done.wait(every_s):
         now = [r["fingerprint"] for r in db.recorded_ladder()]
-        if now != seen and direct_ingress_on():  # a new Api replica would need the port the old one holds
+        if now == seen:
+            continue
+        if direct_ingress_on():  # a new Api replica would need the port the old one holds
             log.warning("%s now records ladder %s; direct ingress cannot swap it in while serving: restart "
                         "`bicascade serve` to serve it", config.db, db.recorded_ladder()[0]["ladder"])
             seen = now
-        elif now != seen:
+        else:
             log.info("%s records another ladder: redeploying", config.db)
             try:
                 deploy(config, host, port)

@@ -5,13 +5,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+
+from bicascade.pipelines.ingest.cluster import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -90,13 +91,6 @@ def verified(db: str):
     report = verify.verify(d, [r["fingerprint"] for r in d.recorded_ladder()])
     assert report.ok, report.problems
     return report
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now (servers bind 127.0.0.1 only)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -8,11 +8,19 @@ listens beyond 127.0.0.1. Joining an existing cluster changes nothing.
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
 SETUP_HOOK = "bicascade.pipelines.ingest.cluster.loopback_grpc"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port free on `host` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def connect(runtime_env: dict | None = None, dashboard: bool = False, **kwargs: Any) -> None:
