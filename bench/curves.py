@@ -2,7 +2,8 @@
 a long budget, evaluated every `--every` samples on the world's validation split. Writes JSON (and a plot with
 `bench/results.py`). Not a test.
 
-    python bench/curves.py [--ladder synthetic] [--samples 240000] [--every 12000] [--out bench/results/curves.json]
+    python bench/curves.py [--ladder synthetic] [--samples 240000] [--every 12000] [--hard-groups 0.5]
+        [--out bench/results/curves.json]
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=12_000)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--hard-groups", type=float, default=None, help="share of a batch in near-duplicate groups")
     ap.add_argument("--archs", default=None, help="comma list (default: the profile's)")
     ap.add_argument("--out", default="bench/results/curves.json")
     ap.add_argument("--keep", default=None, help="keep each run's final checkpoint in this folder")
@@ -67,11 +69,12 @@ def main() -> None:
                          "end points beside the curves")
     args = ap.parse_args()
     p = train.profile(args.ladder)
-    overrides = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v}
+    overrides = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size), ("hard_groups", args.hard_groups))
+                 if v is not None}
     schedule = replace(p.schedule, samples=args.samples, **overrides)
     root = train.world_root(p)
-    data = train.load_split(root, "train", p.world.image_size)
-    val = train.load_split(root, "val", p.world.image_size)
+    data = train.load_split(root, "train", p.world)
+    val = train.load_split(root, "val", p.world)
     out = Path(args.out)
     fresh = {"ladder": args.ladder, "world": p.world.digest(), "runs": []}
     doc = json.loads(out.read_text()) if out.exists() else fresh
@@ -81,7 +84,8 @@ def main() -> None:
         for name, arch in zip(ladder.levels, p.archs):
             model = models.load_model(name, device="cpu").model.float()
             doc["shipped"].append({"arch": arch, "model": name, "samples": p.schedule.samples, "lr": p.schedule.lr,
-                                   "batch_size": p.schedule.batch_size, "val_recall": val_recall(model, val, arch)})
+                                   "batch_size": p.schedule.batch_size, "hard_groups": p.schedule.hard_groups,
+                                   "val_recall": val_recall(model, val, arch)})
             print(doc["shipped"][-1], flush=True)
         out.write_text(json.dumps(doc, indent=2))
         return
@@ -91,9 +95,10 @@ def main() -> None:
         ckpt.unlink(missing_ok=True)
         train.train_level(arch, data, schedule, p.objective, ckpt, desc=f"curve {arch}", callback=record,
                           callback_every=max(1, args.every // schedule.batch_size))
-        doc["runs"].append({"arch": arch, "samples": schedule.samples, "lr": schedule.lr,
-                            "batch_size": schedule.batch_size, "gflops": costs.image_gflops(arch),
-                            "points": record.points})
+        run = {"arch": arch, "samples": schedule.samples, "lr": schedule.lr, "batch_size": schedule.batch_size,
+               "hard_groups": schedule.hard_groups}
+        doc["runs"] = [r for r in doc["runs"] if {k: r[k] for k in run} != run]  # a rerun replaces its old curve
+        doc["runs"].append(run | {"gflops": costs.image_gflops(arch), "points": record.points})
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=2))
         if not args.keep:

@@ -98,21 +98,26 @@ def curves(results: Path, out: Path) -> str | None:
     if doc is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    rows = ["| arch | image GFLOPs | samples | lr | batch | val R@1 at 1/4 | at 1/2 | at the end |",
-            "|---|---|---|---|---|---|---|---|"]
-    for run in doc["runs"]:
+    rows = ["| arch | image GFLOPs | samples | lr | batch | in groups | val R@1 at 1/4 | at 1/2 | at the end |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    shipped = {end["arch"]: end for end in doc.get("shipped", [])}
+    colours: dict[str, str] = {}
+    for run in doc["runs"]:  # runs with another batch mix or learning rate than the shipped schedule's are dashed
         xs = [p["samples"] for p in run["points"]]
         ys = [p["val_recall"]["1"] for p in run["points"]]
-        ax.plot(xs, ys, marker=".", label=f"{run['arch']} ({run['gflops']:.4f} GFLOPs)")
+        end = shipped.get(run["arch"], run)
+        style = "-" if (end["lr"], end["hard_groups"]) == (run["lr"], run["hard_groups"]) else "--"
+        (line,) = ax.plot(xs, ys, marker=".", linestyle=style, color=colours.get(run["arch"]),
+                          label=f"{run['arch']} ({run['gflops']:.4f} GFLOPs), groups {run['hard_groups']:.0%}")
+        colours.setdefault(run["arch"], line.get_color())
         at = [ys[min(range(len(xs)), key=lambda i, f=f: abs(xs[i] - f * run["samples"]))] for f in (0.25, 0.5)]
         rows.append(f"| {run['arch']} | {run['gflops']:.4f} | {run['samples']} | {run['lr']} | {run['batch_size']} | "
-                    f"{at[0]:.3f} | {at[1]:.3f} | {ys[-1]:.3f} |")
-    colours = {run["arch"]: line.get_color() for run, line in zip(doc["runs"], ax.get_lines())}
+                    f"{run['hard_groups']:.0%} | {at[0]:.3f} | {at[1]:.3f} | {ys[-1]:.3f} |")
     for end in doc.get("shipped", []):  # the shipped schedule: its own cosine run, ended
         ax.scatter([end["samples"]], [end["val_recall"]["1"]], s=70, marker="*", color=colours.get(end["arch"]),
                    zorder=3, label=f"{end['arch']} shipped ({end['samples']} samples)")
-        rows.append(f"| {end['arch']} (shipped) | | {end['samples']} | {end['lr']} | {end['batch_size']} | | | "
-                    f"{end['val_recall']['1']:.3f} |")
+        rows.append(f"| {end['arch']} (shipped) | | {end['samples']} | {end['lr']} | {end['batch_size']} | "
+                    f"{end['hard_groups']:.0%} | | | {end['val_recall']['1']:.3f} |")
     ax.set(xlabel="training samples seen", ylabel="validation R@1", title=f"Learning curves, ladder {doc['ladder']}")
     ax.legend(fontsize=8)
     fig.tight_layout()

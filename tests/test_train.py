@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,9 +19,10 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from bicascade.pipelines.lab import objectives, train
     rng = np.random.default_rng(0)
-    data = objectives.TrainData(rng.integers(0, 255, (256, 32, 32, 3), dtype=np.uint8), [["a b", "c d"]] * 256)
+    data = objectives.TrainData(rng.integers(0, 255, (256, 32, 32, 3), dtype=np.uint8), [["a b", "c d"]] * 256,
+                                 group=4)
     data._tokens["bc-tiny-s"] = torch.from_numpy(rng.integers(1, 400, (256, 2, 32)))
-    cfg = train.Schedule(samples=int(sys.argv[2]), batch_size=32)
+    cfg = train.Schedule(samples=int(sys.argv[2]), batch_size=32, hard_groups=0.5)
     train.train_level("bc-tiny-s", data, cfg, objectives.Clip(), Path(sys.argv[1]), objectives.Context(device="cpu"),
                       save_every_s=0.0)
 """)
@@ -75,6 +77,20 @@ def test_default_profile_contract():
     assert max(steps) / min(steps) < 1.5  # even FLOP steps
     assert p.world.test >= 5000
     assert train.level_digest(p, p.archs[0]) != train.level_digest(train.PROFILES["synthetic-tiny"], p.archs[0])
+
+
+def test_batches_hold_whole_groups_of_near_duplicates():
+    s = train.Schedule(batch_size=128, hard_groups=0.5)
+    for step in (0, 7, 500):  # 500: a later epoch
+        idx = train.batch_indices(30_000, 5, step, s)
+        assert len(idx) == len(set(idx.tolist())) == 128
+        sizes = np.bincount(np.bincount(idx // 5))
+        assert sizes[5] == 13 and sizes[1] == 128 - 65 and sizes[2:5].sum() == 0  # 13 whole groups, the rest alone
+        assert (idx == train.batch_indices(30_000, 5, step, s)).all()  # a resumed run sees the same batch
+    plain = train.Schedule(batch_size=128)
+    assert np.bincount(np.bincount(train.batch_indices(30_000, 5, 3, plain) // 5))[5:].sum() == 0
+    assert train.level_digest(train.PROFILES["synthetic"], "bc-synth-s") != train.level_digest(
+        dataclasses.replace(train.PROFILES["synthetic"], schedule=plain), "bc-synth-s")
 
 
 def test_mlce_loss_is_the_mean_row_kl_of_self_similarities():

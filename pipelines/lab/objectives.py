@@ -65,11 +65,12 @@ def similarity_kl(logits: torch.Tensor, target: torch.Tensor, temperature: float
 
 @dataclass
 class TrainData:
-    """A split decoded once into (N, H, W, 3) uint8 and its captions; each model's input size, tokens and teacher
-    embeddings on first use."""
+    """A split decoded once into (N, H, W, 3) uint8 and its captions (images i * group to i * group + group - 1 are
+    one group of near-duplicates); each model's input size, tokens and teacher embeddings on first use."""
 
     pixels: np.ndarray
     captions: list[list[str]]
+    group: int = 1
     _sized: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False)
     _tokens: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _teachers: dict[str, Teacher] = field(default_factory=dict, repr=False)

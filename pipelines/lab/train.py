@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,11 @@ class Schedule:
     warmup: float = 0.05
     weight_decay: float = 0.05
     seed: int = 0
+    # the share of every batch drawn as whole groups of near-duplicates, hard negatives for each other: a random batch
+    # of 128 holds almost none, so its loss falls near 0 long before a model uses the detail that only a larger level
+    # can see (the default ladder's top level then tested below its middle one: R@1 0.520 vs 0.546; with half a batch
+    # in groups 0.541 vs 0.497; all of a batch, 60,000 samples from random weights: half the validation R@1)
+    hard_groups: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,10 @@ class Profile:
 
 
 TINY = Schedule(samples=4000, batch_size=64)
+DEFAULT = Schedule(hard_groups=0.5)  # the default ladder's; the ViT and distillation studies keep random batches
 VIT = ("bc-synth-vit-d2", "bc-synth-vit-d4", "bc-synth-vit-d6")
 PROFILES = {p.name: p for p in [
-    Profile("synthetic", ("bc-synth-s", "bc-synth-m", "bc-synth-l")),
+    Profile("synthetic", ("bc-synth-s", "bc-synth-m", "bc-synth-l"), schedule=DEFAULT),
     Profile("synthetic-tiny", ("bc-tiny-s", "bc-tiny-m", "bc-tiny-l"), world.tiny(), TINY),
     # ViTs trained independently at depths 2, 4 and 6: what self-pruning's prefixes of one model are measured against
     Profile("synthetic-vit", VIT),
@@ -75,10 +81,11 @@ PROFILES = {p.name: p for p in [
     # the control for synthetic-spds: the independent ViTs of depths 2 and 6 trained on for as many samples again
     Profile("synthetic-vit-continued", (VIT[0], VIT[2]), start_from="synthetic-vit"),
     # a model upgrade to migrate the demo db to: the default ladder's top level trained on for 60,000 more samples
-    Profile("synthetic-l-continued", ("bc-synth-l",), start_from="synthetic", schedule=Schedule(60_000, lr=5e-4)),
+    Profile("synthetic-l-continued", ("bc-synth-l",), start_from="synthetic",
+            schedule=replace(DEFAULT, samples=60_000, lr=5e-4)),
     Profile("synthetic-spds-scratch", VIT, objective=SelfPruning()),
     # the MLCE ablation on the cheapest level, where a small image tower should gain most: same arch and schedule
-    Profile("synthetic-mlce", ("bc-synth-s",), objective=Clip(mlce_alpha=1.0)),
+    Profile("synthetic-mlce", ("bc-synth-s",), schedule=DEFAULT, objective=Clip(mlce_alpha=1.0)),
     # two-stage distillation of the default ladder's top model into image towers of the s and m levels' cost,
     # starting from those levels (from scratch, the same 60,000 samples gave students below the independent levels)
     Profile("synthetic-distilled", ("bc-synth-s", "bc-synth-m"), objective=Distill(), teacher="synthetic",
@@ -127,9 +134,9 @@ def load_pixels(paths: list[str], size: int) -> np.ndarray:
     return out
 
 
-def load_split(root: Path, split: str, size: int) -> TrainData:
+def load_split(root: Path, split: str, cfg: world.WorldConfig) -> TrainData:
     paths, caps = world.load_split(root, split)
-    return TrainData(load_pixels(paths, size), caps)
+    return TrainData(load_pixels(paths, cfg.image_size), caps, cfg.group)
 
 
 def _lr(step: int, steps: int, s: Schedule) -> float:
@@ -139,6 +146,19 @@ def _lr(step: int, steps: int, s: Schedule) -> float:
     return 0.5 * s.lr * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
+def batch_indices(n: int, group: int, step: int, s: Schedule) -> np.ndarray:
+    """Step `step`'s samples, deterministic so that a resumed run sees the same data: an epoch's permutation, with a
+    share `s.hard_groups` of the batch given to whole groups of near-duplicates."""
+    epoch, k = divmod(step, n // s.batch_size)
+    idx = np.random.default_rng([s.seed, epoch]).permutation(n)[k * s.batch_size:(k + 1) * s.batch_size]
+    picked = round(s.hard_groups * s.batch_size / group) if group > 1 else 0
+    if not picked:
+        return idx
+    groups = np.random.default_rng([s.seed, step, 2]).choice(n // group, picked, replace=False)
+    members = (groups[:, None] * group + np.arange(group)).ravel()
+    return np.concatenate([members, idx[~np.isin(idx // group, groups)][:s.batch_size - len(members)]])
+
+
 def train_level(arch: str, data: TrainData, schedule: Schedule, objective: Objective, out: Path,
                 ctx: Context = Context(), desc: str = "", save_every_s: float = 30.0,
                 init: models.ModelSpec | None = None,
@@ -146,8 +166,7 @@ def train_level(arch: str, data: TrainData, schedule: Schedule, objective: Objec
     """Train one model with `objective` (each of its stages with its own warm-up and cosine decay); `out.state` holds
     resumable state (saved every `save_every_s`) until `out` is written; `callback(step, model)` every
     `callback_every` steps (learning curves).
-    Batches are random: at this budget, batches of whole near-duplicate groups halved validation recall (the
-    hard negatives only pay off once coarse features exist)."""
+    Batches mix random samples with whole groups of near-duplicates (`batch_indices`)."""
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,14 +193,10 @@ def train_level(arch: str, data: TrainData, schedule: Schedule, objective: Objec
         step = int(state["step"])
         log.info("resuming %s at step %d/%d", arch, step, steps)
     tokens, pixels = data.tokens(arch), data.pixels_for(prep)
-    n = len(pixels)
-    per_epoch = n // schedule.batch_size
     bar = tqdm(total=steps, initial=step, desc=desc or arch, unit="step", mininterval=1)
     last_save = time.monotonic()
     while step < steps:
-        epoch, k = divmod(step, per_epoch)
-        order = np.random.default_rng([schedule.seed, epoch]).permutation(n)  # deterministic: resume sees the same data
-        idx = order[k * schedule.batch_size:(k + 1) * schedule.batch_size]
+        idx = batch_indices(len(pixels), data.group, step, schedule)
         pick = np.random.default_rng([schedule.seed, step, 1]).integers(tokens.shape[1], size=len(idx))
         batch = Batch(prep.normalize(pixels[idx], dev), idx, pick, tokens[idx, pick].to(dev))
         stage = max(i for i, b in enumerate(bounds[:-1]) if b <= step)
@@ -339,7 +354,7 @@ def _train_missing(p: Profile, root: Path, planned: Checkpoints, device: str | N
         return
     depths = prune.depths(p.archs) if p.self_pruning else ()
     if not (p.self_pruning and planned.targets[-1].exists()):  # else only prefixes are missing: cut them again
-        data = load_split(root, "train", p.world.image_size)
+        data = load_split(root, "train", p.world)
         ctx = Context(teacher=planned.teacher, prefixes=depths, device=device)
         t0 = time.perf_counter()
         if p.self_pruning:  # one model to train; its prefixes are cut from it
