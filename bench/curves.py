@@ -39,6 +39,11 @@ def val_recall(model: torch.nn.Module, data: objectives.TrainData, arch: str) ->
     return {str(k): float(hit[:, :k].any(1).float().mean()) for k in (1, 5, 10)}
 
 
+def settings(s: train.Schedule) -> dict:
+    """What of a schedule a curve or a shipped end point records (and a rerun is matched on)."""
+    return {"samples": s.samples, "lr": s.lr, "batch_size": s.batch_size, "hard_groups": s.hard_groups}
+
+
 class Recorder:
     """The callback of one run: a point per evaluation."""
 
@@ -83,8 +88,7 @@ def main() -> None:
         doc["shipped"] = []
         for name, arch in zip(ladder.levels, p.archs):
             model = models.load_model(name, device="cpu").model.float()
-            doc["shipped"].append({"arch": arch, "model": name, "samples": p.schedule.samples, "lr": p.schedule.lr,
-                                   "batch_size": p.schedule.batch_size, "hard_groups": p.schedule.hard_groups,
+            doc["shipped"].append({"arch": arch, "model": name, **settings(p.schedule),
                                    "val_recall": val_recall(model, val, arch)})
             print(doc["shipped"][-1], flush=True)
         out.write_text(json.dumps(doc, indent=2))
@@ -95,8 +99,7 @@ def main() -> None:
         ckpt.unlink(missing_ok=True)
         train.train_level(arch, data, schedule, p.objective, ckpt, desc=f"curve {arch}", callback=record,
                           callback_every=max(1, args.every // schedule.batch_size))
-        run = {"arch": arch, "samples": schedule.samples, "lr": schedule.lr, "batch_size": schedule.batch_size,
-               "hard_groups": schedule.hard_groups}
+        run = {"arch": arch, **settings(schedule)}
         doc["runs"] = [r for r in doc["runs"] if {k: r[k] for k in run} != run]  # a rerun replaces its old curve
         doc["runs"].append(run | {"gflops": costs.image_gflops(arch), "points": record.points})
         out.parent.mkdir(parents=True, exist_ok=True)

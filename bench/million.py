@@ -163,8 +163,7 @@ def main() -> None:
     train.ensure_ladder(train.SYNTHETIC, with_world=False)  # the default ladder, trained once
     t0 = time.monotonic()
     cfg = world.WorldConfig(seed=11, image_size=64, supersample=1, train=0, val=0, test=args.images)
-    marker = root / "world" / "world.json"  # make_world keeps a complete world of the same config
-    reused = marker.exists() and json.loads(marker.read_text()).get("digest") == cfg.digest()
+    reused = world.complete(root / "world", cfg)  # make_world keeps it
     made = world.make_world(root / "world", cfg)
     generated_s = time.monotonic() - t0
     db = str(root / "db")

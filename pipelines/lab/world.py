@@ -235,11 +235,16 @@ def _write_one(args: tuple) -> tuple[str, list[str]]:
     return rel, captions(scene, 3, rng)
 
 
+def complete(root: str | Path, cfg: WorldConfig) -> bool:
+    """Whether `root` holds a whole world of this config (its marker is written last)."""
+    marker = Path(root) / "world.json"
+    return marker.exists() and json.loads(marker.read_text()).get("digest") == cfg.digest()
+
+
 def make_world(root: str | Path, cfg: WorldConfig = WorldConfig(), workers: int = 2) -> Path:
     """Write the world under `root` (idempotent: a complete world with the same config is reused)."""
     root = Path(root)
-    marker = root / "world.json"
-    if marker.exists() and json.loads(marker.read_text()).get("digest") == cfg.digest():
+    if complete(root, cfg):
         return root
     scenes = scene_splits(cfg)
     for split in SPLITS:
@@ -258,7 +263,7 @@ def make_world(root: str | Path, cfg: WorldConfig = WorldConfig(), workers: int 
                 rows["image"].append(i)
                 rows["group"].append(i // cfg.group)
     pq.write_table(pa.table(rows), root / "captions.parquet")
-    marker.write_text(json.dumps({"digest": cfg.digest(), "config": asdict(cfg)}, indent=2))
+    (root / "world.json").write_text(json.dumps({"digest": cfg.digest(), "config": asdict(cfg)}, indent=2))
     log.info("world written to %s: %s", root, {s: len(v) for s, v in scenes.items()})
     return root
 
