@@ -88,7 +88,8 @@ def main() -> None:
         doc["shipped"] = []
         for name, arch in zip(ladder.levels, p.archs):
             model = models.load_model(name, device="cpu").model.float()
-            doc["shipped"].append({"arch": arch, "model": name, **settings(p.schedule),
+            doc["shipped"].append({"arch": arch, "model": name, "text_gflops": costs.text_gflops(arch),
+                                   **settings(p.schedule),
                                    "val_recall": val_recall(model, val, arch)})
             print(doc["shipped"][-1], flush=True)
         out.write_text(json.dumps(doc, indent=2))
@@ -99,8 +100,8 @@ def main() -> None:
         ckpt.unlink(missing_ok=True)
         train.train_level(arch, data, schedule, p.objective, ckpt, desc=f"curve {arch}", callback=record,
                           callback_every=max(1, args.every // schedule.batch_size))
-        run = {"arch": arch, **settings(schedule)}
-        doc["runs"] = [r for r in doc["runs"] if {k: r[k] for k in run} != run]  # a rerun replaces its old curve
+        run = {"arch": arch, "text_gflops": costs.text_gflops(arch), **settings(schedule)}
+        doc["runs"] = [r for r in doc["runs"] if {k: r.get(k) for k in run} != run]  # a rerun replaces its old curve
         doc["runs"].append(run | {"gflops": costs.image_gflops(arch), "points": record.points})
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=2))

@@ -98,26 +98,28 @@ def curves(results: Path, out: Path) -> str | None:
     if doc is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    rows = ["| arch | image GFLOPs | samples | lr | batch | in groups | val R@1 at 1/4 | at 1/2 | at the end |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| arch | image GFLOPs | text GFLOPs | samples | lr | batch | in groups | val R@1 at 1/4 | at 1/2 "
+            "| at the end | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     shipped = {end["arch"]: end for end in doc.get("shipped", [])}
     colours: dict[str, str] = {}
-    for run in doc["runs"]:  # runs with another batch mix or learning rate than the shipped schedule's are dashed
+    same = ("lr", "hard_groups", "text_gflops")
+    for run in doc["runs"]:  # runs with another text tower, batch mix or learning rate than the shipped ones: dashed
         xs = [p["samples"] for p in run["points"]]
         ys = [p["val_recall"]["1"] for p in run["points"]]
         end = shipped.get(run["arch"], run)
-        style = "-" if (end["lr"], end["hard_groups"]) == (run["lr"], run["hard_groups"]) else "--"
+        style = "-" if all(end[k] == run[k] for k in same) else "--"
         (line,) = ax.plot(xs, ys, marker=".", linestyle=style, color=colours.get(run["arch"]),
-                          label=f"{run['arch']} ({run['gflops']:.4f} GFLOPs), groups {run['hard_groups']:.0%}")
+                          label=f"{run['arch']} ({run['gflops']:.4f} GFLOPs), text {run['text_gflops']:.4f}")
         colours.setdefault(run["arch"], line.get_color())
         at = [ys[min(range(len(xs)), key=lambda i, f=f: abs(xs[i] - f * run["samples"]))] for f in (0.25, 0.5)]
-        rows.append(f"| {run['arch']} | {run['gflops']:.4f} | {run['samples']} | {run['lr']} | {run['batch_size']} | "
-                    f"{run['hard_groups']:.0%} | {at[0]:.3f} | {at[1]:.3f} | {ys[-1]:.3f} |")
+        rows.append(f"| {run['arch']} | {run['gflops']:.4f} | {run['text_gflops']:.4f} | {run['samples']} "
+                    f"| {run['lr']} | {run['batch_size']} | {run['hard_groups']:.0%} | {at[0]:.3f} | {at[1]:.3f} "
+                    f"| {ys[-1]:.3f} | {run['points'][-1]['seconds']:.0f} |")
     for end in doc.get("shipped", []):  # the shipped schedule: its own cosine run, ended
         ax.scatter([end["samples"]], [end["val_recall"]["1"]], s=70, marker="*", color=colours.get(end["arch"]),
                    zorder=3, label=f"{end['arch']} shipped ({end['samples']} samples)")
-        rows.append(f"| {end['arch']} (shipped) | | {end['samples']} | {end['lr']} | {end['batch_size']} | "
-                    f"{end['hard_groups']:.0%} | | | {end['val_recall']['1']:.3f} |")
+        rows.append(f"| {end['arch']} (shipped) | | {end['text_gflops']:.4f} | {end['samples']} | {end['lr']} | "
+                    f"{end['batch_size']} | {end['hard_groups']:.0%} | | | {end['val_recall']['1']:.3f} | |")
     ax.set(xlabel="training samples seen", ylabel="validation R@1", title=f"Learning curves, ladder {doc['ladder']}")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -76,3 +76,14 @@ def test_default_plan_completes_in_whole_groups():
     plan = world.scene_splits(cfg)
     assert [len(plan[s]) for s in ("train", "val", "test")] == [cfg.train, cfg.val, cfg.test]
     assert all(len(plan[s]) % cfg.group == 0 for s in plan)
+
+
+def test_renders_are_pinned_by_the_version():
+    """Caches of worlds and checkpoints key on WorldConfig.version: the renders of version 3 must not change without
+    a bump (this hash is of the whole-canvas blend the box-limited one replaced)."""
+    cfg = replace(world.WorldConfig(), train=40, val=5, test=5)
+    assert cfg.version == 3
+    h = hashlib.sha256()
+    for i, scene in enumerate(world.scene_splits(cfg)["train"]):
+        h.update(np.asarray(world.render(scene, 96, np.random.default_rng(i))).tobytes())
+    assert h.hexdigest()[:16] == "5614cc48954a61d4"

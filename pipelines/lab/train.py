@@ -44,8 +44,9 @@ class Schedule:
     seed: int = 0
     # the share of every batch drawn as whole groups of near-duplicates, hard negatives for each other: a random batch
     # of 128 holds almost none, so its loss falls near 0 long before a model uses the detail that only a larger level
-    # can see (the default ladder's top level then tested below its middle one: R@1 0.520 vs 0.546; with half a batch
-    # in groups 0.541 vs 0.497; all of a batch, 60,000 samples from random weights: half the validation R@1)
+    # can see (at 120,000 samples with a 128-wide text tower the default ladder's top level then tested below its
+    # middle one: R@1 0.520 vs 0.546; with half a batch in groups 0.541 vs 0.497; all of a batch, 60,000 samples from
+    # random weights: half the validation R@1)
     hard_groups: float = 0.0
 
 
@@ -68,7 +69,9 @@ class Profile:
 
 
 TINY = Schedule(samples=4000, batch_size=64)
-DEFAULT = Schedule(hard_groups=0.5)  # the default ladder's; the ViT and distillation studies keep random batches
+# the default ladder's: 180,000 samples reach 95-96% of each level's validation R@1 at 240,000 (bench/curves.py) and
+# keep the first `make demo` near 20 minutes on 2 CPU cores; the ViT and distillation studies keep random batches
+DEFAULT = Schedule(samples=180_000, hard_groups=0.5)
 VIT = ("bc-synth-vit-d2", "bc-synth-vit-d4", "bc-synth-vit-d6")
 PROFILES = {p.name: p for p in [
     Profile("synthetic", ("bc-synth-s", "bc-synth-m", "bc-synth-l"), schedule=DEFAULT),
@@ -181,7 +184,8 @@ def train_level(arch: str, data: TrainData, schedule: Schedule, objective: Objec
     decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": schedule.weight_decay},
-                             {"params": rest, "weight_decay": 0}], lr=schedule.lr, betas=(0.9, 0.98), eps=1e-6)
+                             {"params": rest, "weight_decay": 0}], lr=schedule.lr, betas=(0.9, 0.98), eps=1e-6,
+                            fused=True)  # one kernel over all tensors: a quarter of a small level's CPU step
     steps = schedule.samples // schedule.batch_size
     bounds = [0] + [int(f * steps) for f in objective.stages]  # stage boundaries in steps
     state_path = out.with_suffix(".state")
