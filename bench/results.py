@@ -109,7 +109,8 @@ def curves(results: Path, out: Path) -> str | None:
         end = shipped.get(run["arch"], run)
         style = "-" if all(end[k] == run[k] for k in same) else "--"
         (line,) = ax.plot(xs, ys, marker=".", linestyle=style, color=colours.get(run["arch"]),
-                          label=f"{run['arch']} ({run['gflops']:.4f} GFLOPs), text {run['text_gflops']:.4f}")
+                          label=f"{run['arch']} ({run['gflops']:.4f} GFLOPs), text {run['text_gflops']:.4f}, "
+                                f"{run['samples'] // 1000}k" + (f", lr {run['lr']}" if run["lr"] != end["lr"] else ""))
         colours.setdefault(run["arch"], line.get_color())
         at = [ys[min(range(len(xs)), key=lambda i, f=f: abs(xs[i] - f * run["samples"]))] for f in (0.25, 0.5)]
         rows.append(f"| {run['arch']} | {run['gflops']:.4f} | {run['text_gflops']:.4f} | {run['samples']} "
@@ -126,7 +127,9 @@ def curves(results: Path, out: Path) -> str | None:
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
     return ("## Learning curves (`bench/curves.py`)\n\nOne cosine schedule per level over the whole budget, evaluated "
-            "on the validation split as it goes.\n\n![learning curves](curves.png)\n\n" + "\n".join(rows))
+            "on the validation split as it goes; dashed: another text tower (text GFLOPs per caption), learning rate "
+            "or batch mix than the shipped levels, whose own runs end at the stars.\n\n"
+            "![learning curves](curves.png)\n\n" + "\n".join(rows))
 
 
 def generic(name: str, title: str, about: str) -> Section:

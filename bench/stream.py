@@ -1,6 +1,6 @@
 """A stream large enough to measure recall: a world of 100,000 test images indexed with the default ladder, and a
 p = 0.1 stream over it that asks about hundreds of distinct images; every recall with its 95% interval over them.
-Writes the `bicascade simulate` document. Not a test; about half an hour here.
+Writes the `bicascade simulate` document. Not a test; about a quarter of an hour here.
 
     python bench/stream.py [--images 100000] [--queries 10000] [--root /tmp/bicascade-100k]
 """
