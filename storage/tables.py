@@ -5,7 +5,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -258,23 +258,17 @@ class Database:
         """Fold small fragments together and drop versions older than KEEP_VERSIONS. A compaction that races a
         writer's commit is preempted by lance (the writer wins, so nothing it wrote is lost) and is simply retried on
         the newer version."""
-        for attempt in range(attempts):
-            try:
-                self.table(name).optimize(cleanup_older_than=KEEP_VERSIONS)
-                return
-            except RuntimeError as e:
-                if "Retryable commit conflict" not in str(e) or attempt == attempts - 1:
-                    raise
-                time.sleep(0.05 * 2 ** attempt)
+        _retrying(lambda: self.table(name).optimize(cleanup_older_than=KEEP_VERSIONS), attempts)
 
     def finish(self, names: Iterable[str]) -> None:
-        """Compact the fragments many batched commits leave, and index ids for take-by-id."""
+        """Compact the fragments many batched commits leave, and index ids for take-by-id (an index build that a
+        concurrent compaction preempts is retried, like a compaction)."""
         for name in names:
             if self.has(name):
                 self.compact(name)
                 table = self.table(name)
                 if table.count_rows() and "id" in table.schema.names:
-                    table.create_index("id", config=BTree(), replace=True)
+                    _retrying(lambda n=name: self.table(n).create_index("id", config=BTree(), replace=True))
 
     def build_ann(self, fingerprint: str, min_rows: int = 100_000, index_type: str = "IVF_SQ") -> AnnParams | None:
         table = self.table(emb_table(fingerprint))
@@ -301,3 +295,15 @@ class Database:
             query = query.bypass_vector_index()
         res = query.to_arrow()
         return res.column("id").to_pylist(), 1 - res.column("_distance").to_numpy()
+
+
+def _retrying(commit: Callable[[], object], attempts: int = 8) -> None:
+    """Run a lance commit, again on the newer version when a concurrent one preempted it."""
+    for attempt in range(attempts):
+        try:
+            commit()
+            return
+        except RuntimeError as e:
+            if "Retryable commit conflict" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2 ** attempt)
