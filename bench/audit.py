@@ -47,7 +47,7 @@ def main() -> None:
     k, factor = 10, RouterConfig.audit_factor
     db = tables.Database(args.db)
     ladder = query.open_ladder(db, None)
-    corpus = simulate.load_corpus(args.db, ladder, evaluate.world_of(db, None))
+    corpus = simulate.load_corpus(args.db, ladder, evaluate.world_heldout(evaluate.world_of(db, None)))
     cfg = simulate.check(ladder, simulate.SimConfig(p=args.p, queries=args.queries, k=k))
     stream = simulate.make_stream(corpus, cfg)
     m1 = cfg.cutoffs[0]

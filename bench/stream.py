@@ -13,7 +13,7 @@ from pathlib import Path
 from bicascade import query
 from bicascade.pipelines.ingest import index
 from bicascade.pipelines.lab import train, world
-from bicascade.pipelines.measure import simulate
+from bicascade.pipelines.measure import evaluate, simulate
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     db = str(root / "db")
     index.run_index(str(made / "test"), db, train.SYNTHETIC)
     ladder = query.registered(train.SYNTHETIC)
-    corpus = simulate.load_corpus(db, ladder, made, captions_per_image=1)
+    corpus = simulate.load_corpus(db, ladder, evaluate.world_heldout(made, captions_per_image=1))
     report = simulate.run_stream(corpus, ladder, simulate.SimConfig(p=args.p, queries=args.queries))
     doc = report.to_json()
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")

@@ -145,12 +145,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     ladder = _db_ladder(args)
     db = tables.Database(args.db) if args.db else None
-    world = args.world or (None if db else train.world_root(train.profile(args.ladder)))
-    root = evaluate.world_of(db, world)
+    world = args.world or (None if db or args.labels else train.world_root(train.profile(args.ladder)))
     from bicascade.pipelines.measure import plan
 
     chosen = plan.load_plan(args.plan) if args.plan else None
-    emit(args, evaluate.evaluate(root, ladder, cutoffs=args.m, p=args.p, device=args.device, db=args.db, plan=chosen))
+    emit(args, evaluate.evaluate(_held_out(args.labels, db, world), ladder, cutoffs=args.m, p=args.p,
+                                 device=args.device, db=args.db, plan=chosen))
+
+
+def _held_out(labels: str | None, db, world: str | None):
+    """What eval and plan measure recall on: a user's labelled queries over the database, else a world's test split
+    (`world`, or the one the database indexed)."""
+    from bicascade.pipelines.measure import evaluate
+
+    if labels is None:
+        return evaluate.world_heldout(evaluate.world_of(db, world))
+    if db is None:
+        raise _bad("--labels names images of a database: pass --db too")
+    return evaluate.labelled_heldout(db, labels)
 
 
 def cmd_index(args: argparse.Namespace) -> None:
@@ -220,12 +232,12 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from bicascade.pipelines.measure import evaluate, plan
+    from bicascade.pipelines.measure import plan
     from bicascade.storage import tables
 
     ladder = _db_ladder(args)
-    root = evaluate.world_of(tables.Database(args.db), args.world)
-    report = plan.plan(args.db, ladder, root, p=args.p, recall_loss=args.recall_loss, stream_queries=args.queries,
+    held = _held_out(args.labels, tables.Database(args.db), args.world)
+    report = plan.plan(args.db, ladder, held, p=args.p, recall_loss=args.recall_loss, stream_queries=args.queries,
                        device=args.device)
     if args.report:
         plan.plot(report, Path(args.report) / "frontier.png")
@@ -282,6 +294,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         server.serve_forever(AppConfig(db=report.db))
 
 
+LABELS = ("labelled queries over your own database instead of the world's test captions: JSON lines "
+          '{"query": "a red bicycle", "relevant": ["photos/bike.jpg", ...]} (an image by id, indexed uri or path, '
+          "relative to the file's folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bicascade.cascade import DEFAULT_CUTOFFS
 
@@ -310,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     lsub = p.add_subparsers(dest="action", metavar="ACTION")
     q = lsub.add_parser("add", help="make a ladder from your CLIP models (cheapest first) and save it",
                         description="LEVEL: ARCH@TAG (open_clip pretrained tag), ARCH=PATH (local checkpoint), "
-                                    "hf-hub:ORG/REPO, or a bare ARCH (random weights, tests only).")
+                                    "hf-hub:ORG/REPO, or a bare ARCH (random weights, tests only); a ViT LEVEL "
+                                    "ending in #keep=F runs on a fixed fraction F of its patch tokens (a cheaper "
+                                    "level without training).")
     q.add_argument("name", nargs="?", help="ladder name (optional with --from when the file names it)")
     q.add_argument("levels", nargs="*", metavar="LEVEL")
     q.add_argument("--from", dest="from_file", metavar="FILE.yaml", help="read the ladder from a YAML file")
@@ -335,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--world", default=None, help="where the world is written (default: the user cache)")
         p.add_argument("--device", default=None)
 
-    p = command("eval", cmd_eval, "Recall@1/5/10 per level and per cascade on the world's held-out captions")
+    p = command("eval", cmd_eval, "Recall@1/5/10 per level and per cascade on held-out queries: the world's test "
+                                  "captions, or your own labelled queries (--labels)")
     p.add_argument("--db", default=None, help="database whose level-0 table (from `bicascade index`) level 0 searches "
                                               "and whose ladder is evaluated; without it, --ladder's levels embed "
                                               "the test split in process")
@@ -344,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", type=_ints, default=None, help=cutoffs)
     p.add_argument("--p", type=float, default=0.1, help="p for F_life by Eq. 1 (default 0.1)")
     p.add_argument("--plan", default=None, metavar="FILE", help="also evaluate the cascade `bicascade plan` chose")
+    p.add_argument("--labels", default=None, metavar="FILE", help=LABELS)
     p.add_argument("--device", default=None)
 
     p = command("index", cmd_index, "embed a corpus with the ladder's cheapest level into LanceDB (resumable)")
@@ -388,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "migration is served after a restart")
 
     def stream_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--db", required=True, help="LanceDB URI with the world's test split indexed")
+        p.add_argument("--db", required=True, help="LanceDB URI with the held-out images indexed")
         p.add_argument("--ladder", default=None, help="default: the ladder the database was indexed with")
         p.add_argument("--world", default=None, help="world directory (default: the one the database indexed)")
         p.add_argument("--p", type=float, default=0.1, help="fraction of the corpus the stream touches (default 0.1)")
@@ -413,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "and the cheapest within a recall budget; `serve --plan FILE` serves it")
     stream_args(p)
     p.add_argument("--recall-loss", type=float, default=0.5, help="R@10 points the cascade may lose (default 0.5)")
+    p.add_argument("--labels", default=None, metavar="FILE", help=LABELS)
     p.add_argument("--report", default=None, help="write frontier.png here")
 
     p = command("verify", cmd_verify, "check a database's invariants (exit 1 and a report when one is broken)")

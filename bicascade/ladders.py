@@ -2,7 +2,8 @@
 into their architecture, levels rise in image FLOPs, text towers are compared) and saved for every later process.
 
 LEVEL, cheapest first:  ARCH@TAG (open_clip pretrained tag, needs the model hub)  |  ARCH=PATH (a local state dict or
-open_clip checkpoint)  |  hf-hub:ORG/REPO (open_clip's hub syntax)  |  ARCH (random weights: tests only).
+open_clip checkpoint)  |  hf-hub:ORG/REPO (open_clip's hub syntax)  |  ARCH (random weights: tests only); any ViT
+LEVEL ending in #keep=F is that model on a fixed fraction F of its patch tokens: a cheaper level without training.
 """
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ def _arch(arch: str, level: str) -> str:
 
 
 def parse_level(text: str, ladder: str, j: int) -> models.ModelSpec:
-    """One LEVEL string -> a model spec named `<ladder>/<arch>`."""
+    """One LEVEL string -> a model spec named `<ladder>/<arch>` (`<ladder>/<arch>-p<percent>` with #keep=F)."""
     text = text.strip()
+    base, sep, keep = text.rpartition("#keep=")
+    if sep:
+        return keeping(parse_level(base, ladder, j), keep, f"level {text!r}")
     if text.startswith(models.HF_HUB):
         return models.ModelSpec(_name(ladder, text), text)
     if "=" in text:
@@ -45,6 +49,17 @@ def parse_level(text: str, ladder: str, j: int) -> models.ModelSpec:
                                    f"(known: {', '.join(tags) or 'none'})")
         return models.ModelSpec(_name(ladder, arch), arch, pretrained=tag)
     return models.ModelSpec(_name(ladder, text), _arch(text, text), seed=j)
+
+
+def keeping(spec: models.ModelSpec, keep: object, where: str) -> models.ModelSpec:
+    """`spec` on a fixed fraction `keep` of its patch tokens, named for it (a ladder may hold the full model too)."""
+    try:
+        k = float(keep)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        k = -1.0
+    if not 0 < k < 1:
+        raise BadInputError(f"{where}: keep must be a fraction of the patch tokens in (0, 1), got {keep!r}")
+    return models.ModelSpec(**{**asdict(spec), "name": f"{spec.name}-p{round(100 * k)}", "keep_patches": k})
 
 
 def _name(ladder: str, arch: str) -> str:
@@ -82,7 +97,7 @@ def _yaml_level(item: Any, ladder: str, j: int, path: Path) -> models.ModelSpec:
         return parse_level(item, ladder, j)
     if not isinstance(item, dict) or "arch" not in item:
         raise BadInputError(f"{path}: level {j} must be a LEVEL string or a mapping with `arch`")
-    unknown = set(item) - {"arch", "checkpoint", "pretrained", "hf_hub", "name"}
+    unknown = set(item) - {"arch", "checkpoint", "pretrained", "hf_hub", "name", "keep_patches"}
     if unknown:
         raise BadInputError(f"{path}: level {j}: unknown keys {sorted(unknown)}")
     if sum(k in item for k in ("checkpoint", "pretrained", "hf_hub")) > 1:
@@ -96,6 +111,8 @@ def _yaml_level(item: Any, ladder: str, j: int, path: Path) -> models.ModelSpec:
         spec = parse_level(f"{item['arch']}@{item['pretrained']}", ladder, j)
     else:
         spec = parse_level(item["arch"], ladder, j)
+    if "keep_patches" in item:
+        spec = keeping(spec, item["keep_patches"], f"{path}: level {j}")
     return models.ModelSpec(**{**asdict(spec), "name": item.get("name", spec.name)})
 
 

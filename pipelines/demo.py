@@ -50,7 +50,7 @@ def run(workdir: str | Path = "work", ladder: str = train.SYNTHETIC) -> DemoRepo
     indexed = index.run_index(str(root / "test"), db, trained.name)
     resolved = query.registered(trained.name)
     log.info("step 3/5: recall per level and per cascade on the held-out test captions")
-    recall = evaluate.evaluate(root, resolved, db=db)
+    recall = evaluate.evaluate(evaluate.world_heldout(root), resolved, db=db)
     log.info("step 4/5: cost model of the paper's ladders (FLOPs counted on the real architectures)")
     paper = {name: costs.cascade_report(costs.ladder_cascades(models.get_ladder(name).levels))
              for name in ("openclip-vit", "openclip-convnext")}

@@ -6,7 +6,7 @@ import pytest
 
 from bicascade import images, models, query
 from bicascade.cascade import Cascade, ExactIndex, Level
-from bicascade.errors import NotIndexedError
+from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.pipelines.lab import train
 from bicascade.pipelines.measure import evaluate
 from bicascade.storage import tables
@@ -32,7 +32,33 @@ def test_cascade_topk_equals_algorithm_1():
 
 def test_recall():
     topk = np.array([[3, 1, 2] + [9] * 7, [0] * 10])
-    assert evaluate.recall(topk, np.array([1, 5])) == {"1": 0.0, "5": 0.5, "10": 0.5}
+    assert evaluate.recall(topk, np.array([[1], [5]])) == {"1": 0.0, "5": 0.5, "10": 0.5}
+    # several relevant images (-1 pads): a query counts once, at its best-ranked relevant image
+    assert evaluate.recall(topk, np.array([[2, 3], [7, -1]])) == {"1": 0.5, "5": 0.5, "10": 0.5}
+
+
+def test_labelled_queries_name_images_by_id_uri_or_path(tmp_path):
+    """A user's queries file: an image by id, by the uri it was indexed from, or by a path relative to the file (a
+    duplicate's uri is in the ingest ledger only); every mistake names its line."""
+    db = tables.Database(str(tmp_path / "db"))
+    db.append(tables.IMAGES, tables.IMAGES_SCHEMA, [{"id": i, "uri": str(tmp_path / f"{i}.jpg")} for i in "abc"])
+    db.append(tables.SOURCES, tables.SOURCES_SCHEMA, [{"uri": str(tmp_path / f"{i}.jpg"), "id": i} for i in "abc"]
+              + [{"uri": str(tmp_path / "copy-of-a.jpg"), "id": "a"}])
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(f'{{"query": "one", "relevant": ["b"]}}\n\n{{"query": "two", "relevant": ["c.jpg", '
+                      f'"copy-of-a.jpg", "{tmp_path / "a.jpg"}"]}}\n')
+    held = evaluate.labelled_heldout(db, labels)
+    assert held.queries == ["one", "two"] and held.paths is None
+    assert [[held.ids[i] if i >= 0 else None for i in row] for row in held.relevant] == [["b", None], ["c", "a"]]
+    for text, match in (("not json", r"labels.jsonl:1: not JSON"), ('{"query": "x"}', r"labels.jsonl:1: expected"),
+                        ('{"query": "x", "relevant": ["b"]}\n{"query": "y", "relevant": ["nowhere.jpg"]}',
+                         r"labels.jsonl:2: relevant image 'nowhere.jpg' is not in"),
+                        ("\n", "holds no queries")):
+        labels.write_text(text)
+        with pytest.raises(BadInputError, match=match):
+            evaluate.labelled_heldout(db, labels)
+    with pytest.raises(BadInputError, match="cannot read"):
+        evaluate.labelled_heldout(db, tmp_path / "missing.jsonl")
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +72,8 @@ def isolated_cache():  # the module shares tiny_db's cache
 def test_eval_on_tiny_ladder(tiny_db):
     ladder, root = train.ensure_ladder("synthetic-tiny")
     resolved = query.registered(ladder.name)
-    report = evaluate.evaluate(root, resolved, cutoffs=(50, 14))
+    held = evaluate.world_heldout(root)
+    report = evaluate.evaluate(held, resolved, cutoffs=(50, 14))
     assert report.queries == 3 * report.images == 900
     assert [lv.model for lv in report.levels] == list(ladder.levels)
     assert [c.m for c in report.cascades] == [[50], [50], [50, 14]]
@@ -56,13 +83,13 @@ def test_eval_on_tiny_ladder(tiny_db):
     assert report.levels[-1].recall["10"] > 10 / 300  # better than chance
     assert all(c.f_life > 1 for c in report.cascades)
     # cutoffs covering the whole pool: the cascade is the top level
-    full = evaluate.evaluate(root, resolved, cutoffs=(300, 299))
+    full = evaluate.evaluate(held, resolved, cutoffs=(300, 299))
     assert full.cascades[0].recall["10"] == pytest.approx(full.levels[-1].recall["10"])
 
     # level 0 read from the index: the same vectors the index job stored, so the same recall
-    with pytest.raises(NotIndexedError, match="index the world's test split first"):
-        evaluate.evaluate(root, resolved, db=str(root / "no-db"))
-    stored = evaluate.evaluate(root, resolved, db=tiny_db)
+    with pytest.raises(NotIndexedError, match=r"index \S+ first \(bicascade index"):
+        evaluate.evaluate(held, resolved, db=str(root / "no-db"))
+    stored = evaluate.evaluate(held, resolved, db=tiny_db)
     assert stored.db == tiny_db and report.db is None
     assert evaluate.world_of(tables.Database(tiny_db), None) == root  # the world the db indexed
     for a, b in zip(stored.levels + stored.cascades, report.levels + report.cascades):

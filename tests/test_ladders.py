@@ -34,6 +34,11 @@ def test_level_strings():
         ladders.parse_level("ViT-Q-32=/x.pt", "x", 0)
     with pytest.raises(UnknownNameError, match="no pretrained tag 'nope' for ViT-B-16.*laion2b_s34b_b88k"):
         ladders.parse_level("ViT-B-16@nope", "x", 0)
+    cheap = ladders.parse_level("ViT-B-16=/x.pt#keep=0.25", "x", 0)  # a cheaper level of the same weights
+    assert (cheap.name, cheap.keep_patches, cheap.checkpoint) == ("x/ViT-B-16-p25", 0.25, "/x.pt")
+    for keep in ("1.5", "0", "half"):
+        with pytest.raises(BadInputError, match="keep must be a fraction of the patch tokens in \\(0, 1\\)"):
+            ladders.parse_level(f"ViT-B-16=/x.pt#keep={keep}", "x", 0)
 
 
 def test_add_validates_saves_and_compares_text_towers(checkpoints):
@@ -59,6 +64,23 @@ def test_add_validates_saves_and_compares_text_towers(checkpoints):
         ladders.add("gone", [ladders.parse_level("bc-tiny-s=/nowhere/x.pt", "gone", 0)])
     with pytest.raises(BadInputError, match="built-in"):
         models.remove_ladder("openclip-vit")
+
+
+def test_a_level_on_a_fixed_share_of_a_users_vit_patches_is_cheaper_and_shares_the_text_tower(tmp_path):
+    """#keep=F (or `keep_patches` in YAML) makes a cheap level of a ViT checkpoint without training; an image tower
+    without patch tokens is refused when the ladder is added."""
+    vit = models.save_checkpoint(models.create("bc-tiny-vit-d2"), tmp_path / "vit.pt")
+    doc = ladders.add("free", [ladders.parse_level(f"bc-tiny-vit-d2={vit}#keep=0.5", "free", 0),
+                               ladders.parse_level(f"bc-tiny-vit-d2={vit}", "free", 1)])
+    assert [lv.model for lv in doc.levels] == ["free/bc-tiny-vit-d2-p50", "free/bc-tiny-vit-d2"]
+    assert doc.shared_text_tower and doc.levels[0].gflops < 0.75 * doc.levels[1].gflops
+    assert doc.levels[0].fingerprint != doc.levels[1].fingerprint
+    (tmp_path / "l.yaml").write_text("levels:\n  - arch: bc-tiny-vit-d2\n    checkpoint: vit.pt\n"
+                                     "    keep_patches: 0.25\n")
+    assert ladders.from_yaml(tmp_path / "l.yaml", "y")[1][0].keep_patches == 0.25
+    resnet = models.save_checkpoint(models.create("bc-synth-s"), tmp_path / "rn.pt")
+    with pytest.raises(BadInputError, match="keep_patches needs a ViT"):
+        ladders.add("conv", [ladders.parse_level(f"bc-synth-s={resnet}#keep=0.5", "conv", 0)])
 
 
 def test_yaml_ladders_resolve_paths_against_the_file(checkpoints, tmp_path):

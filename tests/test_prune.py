@@ -84,7 +84,8 @@ def test_a_self_pruned_ladder_is_cut_from_one_model_and_evaluates_with_one_text_
     assert models.text_encoders(ladder.levels) == [0, 0]
     prefix, full = (models.read_state_dict(models.get_model(n).checkpoint) for n in ladder.levels)
     assert all(torch.equal(v, full[k]) for k, v in prefix.items()) and len(prefix) < len(full)
-    report = evaluate.evaluate(root, query.registered(ladder.name), cutoffs=(50,), db=db, device="cpu")
+    report = evaluate.evaluate(evaluate.world_heldout(root), query.registered(ladder.name), cutoffs=(50,), db=db,
+                               device="cpu")
     assert report.text["encodes_per_query"] == 1
     assert report.levels[0].gflops < report.levels[1].gflops
     assert all(lv.recall["10"] > 0.1 for lv in report.levels)  # chance is 10 / 300

@@ -29,7 +29,8 @@ def fake_corpus(n: int = 400, captions_per_image: int = 2, dim: int = 16, seed: 
     owner = np.repeat(np.arange(n), captions_per_image)
     txt = img[owner] + 0.2 * rng.normal(size=(len(owner), dim))
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
-    return simulate.Corpus([f"i{i}" for i in range(n)], [f"c{i}" for i in range(len(owner))], owner, ["a"], [1.0],
+    return simulate.Corpus([f"i{i}" for i in range(n)], [f"c{i}" for i in range(len(owner))], owner, owner[:, None],
+                           ["a"], [1.0],
                            [1.0], [img.astype(np.float32)], [txt.astype(np.float32)], [0], [0.0], [], None)
 
 
@@ -55,13 +56,15 @@ def test_top_sets_match_a_full_sort():
     got = simulate.top_sets(corpus.texts[0], corpus.images[0], 7)
     want = np.argsort(-(corpus.texts[0] @ corpus.images[0].T), axis=1)[:, :7]
     assert all(set(g) == set(w) for g, w in zip(got, want))
+    assert simulate.top_sets(corpus.texts[0], corpus.images[0], 500).shape == (len(corpus.captions), 100)  # m > n
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_replay_through_the_real_cascade(tiny_db):
-    corpus = simulate.load_corpus(tiny_db, query.registered(LADDER), train.ensure_ladder(LADDER)[1])
+    held = evaluate.world_heldout(train.ensure_ladder(LADDER)[1])
+    corpus = simulate.load_corpus(tiny_db, query.registered(LADDER), held)
     stream = simulate.make_stream(corpus, CFG)
     top = len(corpus.names) - 1
     two = simulate.replay_local(corpus, stream, [0, top], [20], 10)

@@ -1,7 +1,10 @@
-"""Text-to-image recall of every ladder level and of cascades on the world's held-out test split (Table 1's shape)."""
+"""Text-to-image recall of every ladder level and of cascades (Table 1's shape) on held-out queries with known
+answers: the world's test split, or a user's file of labelled queries over their own database."""
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +17,7 @@ from bicascade.cascade import default_cutoffs, f_life, validate
 from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import ResolvedLadder
 from bicascade.pipelines.lab import world
+from bicascade.query import encode_stored
 from bicascade.storage import tables
 
 log = logging.getLogger("bicascade")
@@ -84,19 +88,101 @@ def run(first: Ranked, texts: Sequence[np.ndarray], vectors: Sequence[np.ndarray
     return cand[:, :k], reached, sent
 
 
-def recall(topk: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    hit = topk == truth[:, None]
+def recall(topk: np.ndarray, relevant: np.ndarray) -> dict[str, float]:
+    """Recall@k: the share of queries with a relevant image in their top k (`relevant`: (Q, R) image indices, -1
+    padded)."""
+    hit = (topk[:, :, None] == relevant[:, None, :]).any(axis=2)
     return {str(k): float(hit[:, :k].any(axis=1).mean()) for k in KS}
 
 
-def indexed_vectors(db_uri: str, fingerprint: str, paths: Sequence[str]) -> np.ndarray:
-    """Level-0 vectors of the test images as `bicascade index` stored them (matched by content id, like the job)."""
+@dataclass
+class HeldOut:
+    """Queries with known answers over a corpus: a world's test split (each caption's one relevant image is the one it
+    describes), or a user's labelled queries over everything their database indexed."""
+
+    ids: list[str]  # the corpus, by content id as indexed
+    queries: list[str]
+    relevant: np.ndarray  # (queries, R) corpus indices of each query's relevant images, -1 padded
+    paths: list[str] | None = None  # the corpus's files (a world's); else images are read from the database
+    indexed_from: str = ""  # what `bicascade index` needs to have read for this corpus
+
+    @property
+    def first(self) -> np.ndarray:
+        """Each query's first relevant image."""
+        return self.relevant[:, 0]
+
+
+def world_heldout(root: str | Path, captions_per_image: int | None = None) -> HeldOut:
+    """The world's test split: every caption (or the first `captions_per_image` of each image's) is a query."""
+    paths, caps = world.load_split(root, "test")
+    caps = [c[:captions_per_image] for c in caps] if captions_per_image else caps
     ids = [images.content_id(Path(p).read_bytes()) for p in paths]
+    first = np.repeat(np.arange(len(paths)), [len(c) for c in caps])
+    return HeldOut(ids, [c for cs in caps for c in cs], first[:, None], paths, str(Path(paths[0]).parent))
+
+
+def labelled_heldout(db: tables.Database, path: str | Path) -> HeldOut:
+    """A user's queries over their whole database: JSON lines `{"query": "...", "relevant": [image, ...]}`, an image
+    named by its id, by the uri it was indexed from, or by a local path (relative to the file's folder)."""
+    path = Path(path)
     try:
-        return tables.Database(db_uri).vectors(fingerprint, ids)
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"cannot read labelled queries {path}: {e}") from None
+    ids = db.column(tables.IMAGES, "id")
+    if not ids:
+        raise NotIndexedError(f"{db.uri} holds no images: `bicascade index SOURCE --db {db.uri}` first")
+    ledger = db.dataset(tables.SOURCES).to_table(columns=["uri", "id"]) if db.has(tables.SOURCES) else None
+    by_uri = dict(zip(ledger.column("uri").to_pylist(), ledger.column("id").to_pylist())) if ledger else {}
+    index = {i: n for n, i in enumerate(ids)}
+
+    def image(ref: object, where: str) -> int:
+        if isinstance(ref, str):
+            local = os.path.abspath(path.parent / ref) if "://" not in ref else ref
+            for key in (ref, by_uri.get(ref), by_uri.get(local)):
+                if key in index:
+                    return index[key]
+        raise BadInputError(f"{where}: relevant image {ref!r} is not in {db.uri} (give an image id, the uri it was "
+                            "indexed from, or its path)")
+
+    queries, relevant = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise BadInputError(f"{where}: not JSON ({e})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("query"), str) and row["query"].strip()
+                and isinstance(row.get("relevant"), list) and row["relevant"]):
+            raise BadInputError(f'{where}: expected {{"query": "text", "relevant": ["image", ...]}}')
+        queries.append(row["query"])
+        relevant.append(list(dict.fromkeys(image(r, where) for r in row["relevant"])))
+    if not queries:
+        raise BadInputError(f"{path} holds no queries")
+    padded = np.full((len(queries), max(map(len, relevant))), -1)
+    for q, r in enumerate(relevant):
+        padded[q, :len(r)] = r
+    return HeldOut(ids, queries, padded, indexed_from=db.last_source() or "your images")
+
+
+def indexed_vectors(db_uri: str, fingerprint: str, held: HeldOut) -> np.ndarray:
+    """Level-0 vectors of the corpus as `bicascade index` stored them (matched by content id, like the job)."""
+    try:
+        return tables.Database(db_uri).vectors(fingerprint, held.ids)
     except NotIndexedError as e:
-        raise NotIndexedError(f"{e}: index the world's test split first "
-                              f"(bicascade index {Path(paths[0]).parent} --db {db_uri})") from None
+        raise NotIndexedError(f"{e}: index {held.indexed_from} first (bicascade index {held.indexed_from} "
+                              f"--db {db_uri})") from None
+
+
+def embed_corpus(loaded: models.LoadedModel, held: HeldOut, db: str | None, limit: int | None = None) -> np.ndarray:
+    """The corpus (its first `limit` images) through one level: from its files, else decoded from the database."""
+    if held.paths is not None:
+        return embed_images(loaded, held.paths[:limit])
+    if db is None:
+        raise BadInputError("labelled queries are evaluated over a database: pass --db")
+    return encode_stored(loaded, tables.Database(db), held.ids[:limit])
 
 
 def world_of(db: tables.Database | None, world_dir: str | Path | None) -> Path:
@@ -107,8 +193,9 @@ def world_of(db: tables.Database | None, world_dir: str | Path | None) -> Path:
         source = db.last_source() if db is not None else None
         root = Path(source).parent if source and "://" not in source else None
         if root is None or not (root / "captions.parquet").exists():
-            raise BadInputError("evaluation needs captioned held-out images: pass --world DIR (a synthetic world, "
-                                "as `bicascade demo` writes it)")
+            raise BadInputError("this database did not index a world's test split: measure your own queries with "
+                                "--labels FILE (JSON lines {\"query\": ..., \"relevant\": [image, ...]}), or pass "
+                                "--world DIR (a synthetic world, as `bicascade demo` writes it)")
     if not (root / "captions.parquet").exists():
         raise BadInputError(f"{root} is not a world: it has no captions.parquet")
     return root
@@ -152,7 +239,7 @@ class EvalReport:
         return asdict(self)
 
     def format(self) -> str:
-        lines = [f"{self.queries} queries over {self.images} test images; F_life by Eq. 1 with p = {self.p}",
+        lines = [f"{self.queries} queries over {self.images} images; F_life by Eq. 1 with p = {self.p}",
                  f"{'model / cascade':<52} {'m':<8} {'GFLOPs':>8} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'F_life':>7}"]
         for lv in self.levels:
             r = lv.recall
@@ -167,27 +254,25 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def evaluate(world_root: str | Path, ladder: ResolvedLadder, cutoffs: Sequence[int] | None = None, p: float = 0.1,
+def evaluate(held: HeldOut, ladder: ResolvedLadder, cutoffs: Sequence[int] | None = None, p: float = 0.1,
              device: str | None = None, db: str | None = None, plan: dict | None = None) -> EvalReport:
-    """Recall@1/5/10 per level and per cascade; every test caption is a query whose one relevant item is its image.
-    With `db`, level 0 ranks the vectors the index job stored there; the upper levels embed in process."""
+    """Recall@1/5/10 per level and per cascade of the held-out queries. With `db`, level 0 ranks the vectors the index
+    job stored there; the upper levels embed the corpus in process."""
     infos = ladder.levels
     cutoffs = list(cutoffs) if cutoffs is not None else list(default_cutoffs(len(infos)))
     validate(len(infos), cutoffs)
-    paths, caps = world.load_split(world_root, "test")
-    queries = [c for cs in caps for c in cs]
-    truth = np.repeat(np.arange(len(paths)), [len(cs) for cs in caps])
+    queries = held.queries
     vectors, texts = [], []
     for j, info in enumerate(infos):
         loaded = models.load_model(info.spec, device=device)
-        vectors.append(indexed_vectors(db, info.fingerprint, paths) if db and j == 0 else embed_images(loaded, paths))
+        vectors.append(indexed_vectors(db, info.fingerprint, held) if db and j == 0 else embed_corpus(loaded, held, db))
         texts.append(texts[info.text] if info.text < j else embed_texts(loaded, queries))  # a shared tower: once
     chunks = range(0, len(queries), 2048)
 
     def recall_of(levels: list[int], m: list[int], margin: float | None = None) -> dict[str, float]:
         top = np.concatenate([cascade_topk([texts[j][i:i + 2048] for j in levels], [vectors[j] for j in levels], m,
                                            max(KS), margin) for i in chunks])
-        return recall(top, truth)
+        return recall(top, held.relevant)
 
     towers = sorted({info.text for info in infos})
     subsets = [(levels, m, None) for levels, m in cascade_subsets(len(infos), cutoffs)]
@@ -195,7 +280,7 @@ def evaluate(world_root: str | Path, ladder: ResolvedLadder, cutoffs: Sequence[i
         names = [i.name for i in infos]
         subsets.append(([names.index(n) for n in plan["cascade"]], list(plan["cutoffs"]), plan.get("adaptive_margin")))
     return EvalReport(
-        queries=len(queries), images=len(paths), p=p, db=db,
+        queries=len(queries), images=len(held.ids), p=p, db=db,
         levels=[LevelRecall(info.name, info.gflops, recall_of([j], [])) for j, info in enumerate(infos)],
         cascades=[CascadeRecall([infos[j].name for j in levels], m, recall_of(levels, m, margin),
                                 f_life([infos[j].gflops for j in levels], p, infos[-1].gflops), margin)

@@ -1,7 +1,8 @@
 """`bicascade plan`: the quality-cost frontier of a ladder's cascades, and the cheapest one within a recall budget.
 
 Every cascade that starts with the indexed level 0 (any subset of the upper levels, a grid of cutoffs, fixed or
-adaptive) is run on all held-out captions at once: Recall@1/5/10 against the top level alone, and cost both by
+adaptive) is run on all held-out queries at once (the world's test captions, or a user's labelled queries over their
+own database): Recall@1/5/10 against the top level alone, and cost both by
 Eq. 1 at p and as measured on a simulated p-small-world stream, where a level's lifetime cost is the number of
 distinct images that ever reach it (each is embedded once and cached). Adaptive cutoffs (beyond the paper) pass
 to the next level only the candidates whose score is within a margin of the k-th best, between k and m_j.
@@ -63,7 +64,7 @@ class PlanReport:
                 "queries": self.queries, "stream_queries": self.stream_queries}
 
     def format(self) -> str:
-        lines = [f"{self.candidates} cascades of {self.ladder} on {self.queries} held-out captions; cost measured on a "
+        lines = [f"{self.candidates} cascades of {self.ladder} on {self.queries} held-out queries; cost measured on a "
                  f"{self.stream_queries}-query stream at p = {self.p_measured:.3f}; top level alone R@10 "
                  f"{self.reference['recall']['10']:.4f}", "frontier (cheapest first):",
                  f"  {'cascade':<44} {'m':<10} {'margin':<7} {'R@1':>6} {'R@10':>6} {'F_life':>7} {'Eq. 1':>7}"]
@@ -100,13 +101,14 @@ def candidates(names: Sequence[str], margins: Sequence[float] = MARGINS) -> list
     return out
 
 
-def plan(db: str, ladder: ResolvedLadder, world_root: str | Path, p: float = 0.1, recall_loss: float = 0.5,
+def plan(db: str, ladder: ResolvedLadder, held: evaluate.HeldOut, p: float = 0.1, recall_loss: float = 0.5,
          stream_queries: int = 10_000, device: str | None = None, k: int = 10) -> PlanReport:
-    """The frontier and the cheapest cascade whose R@10 is within `recall_loss` points of the top level's."""
+    """The frontier and the cheapest cascade whose R@10 on the held-out queries is within `recall_loss` points of the
+    top level's."""
     if len(ladder.levels) < 2:
         raise BadInputError(f"ladder {ladder.name} has one level: nothing to plan")
-    corpus = simulate.load_corpus(db, ladder, world_root, device)
-    truth = corpus.caption_image
+    corpus = simulate.load_corpus(db, ladder, held, device)
+    truth = corpus.relevant
     stream = simulate.make_stream(corpus, simulate.SimConfig(p=p, queries=stream_queries, cutoffs=(50, 14)))
     n = corpus.n
     gflops = corpus.gflops
@@ -115,7 +117,7 @@ def plan(db: str, ladder: ResolvedLadder, world_root: str | Path, p: float = 0.1
     reference = {"cascade": [ladder.names[top]], "recall": evaluate.recall(ref_top, truth)}
     found: list[Candidate] = []
     tried = candidates(ladder.names)
-    log.info("planning over %d cascades of %s (%d captions, a %d-query stream)", len(tried), ladder.name,
+    log.info("planning over %d cascades of %s (%d held-out queries, a %d-query stream)", len(tried), ladder.name,
              len(truth), len(stream.caption))
     deepest = max(M1_GRID)
     held_out = evaluate.level0(corpus.texts[0], corpus.images[0], deepest)

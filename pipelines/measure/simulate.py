@@ -20,11 +20,10 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from bicascade import costs, images, models
+from bicascade import costs, models
 from bicascade.cascade import Cascade, DictCache, ExactIndex, Level, default_cutoffs, f_latency, f_life, validate
 from bicascade.errors import BadInputError
 from bicascade.levels import ResolvedLadder
-from bicascade.pipelines.lab import world
 from bicascade.pipelines.measure import evaluate, report
 from bicascade.query import encode_stored
 from bicascade.storage import tables
@@ -49,11 +48,12 @@ class SimConfig:
 
 @dataclass
 class Corpus:
-    """The world's test split with everything the replays share: ids as indexed, captions, embeddings."""
+    """A held-out corpus with everything the replays share: ids as indexed, queries, embeddings."""
 
     ids: list[str]
-    captions: list[str]
-    caption_image: np.ndarray  # image index of each caption
+    captions: list[str]  # the held-out queries
+    caption_image: np.ndarray  # each query's (first) relevant image index: its topic in a stream
+    relevant: np.ndarray  # (queries, R) every relevant image index, -1 padded
     names: list[str]  # ladder levels, cheapest first
     gflops: list[float]
     seconds: list[float]  # measured image-encoder seconds per image of each level (whole corpus, batched)
@@ -117,7 +117,9 @@ def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 20, chunk: int = 4096)
 
 def top_sets(text: np.ndarray, img: np.ndarray, m: int, chunk: int = 2048) -> np.ndarray:
     """(queries, m) image indices of each text's level-0 top-m set (exact). Each chunk's top m is copied out: a
-    slice would keep its whole (chunk, N) int64 argpartition alive, 1.6 GB a chunk at 100,000 images."""
+    slice would keep its whole (chunk, N) int64 argpartition alive, 1.6 GB a chunk at 100,000 images. A corpus
+    smaller than m is all of every top set."""
+    m = min(m, len(img))
     out = [np.argpartition(-(text[i:i + chunk] @ img.T), m - 1, axis=1)[:, :m].copy()
            for i in range(0, len(text), chunk)]
     return np.concatenate(out)
@@ -148,28 +150,23 @@ def make_stream(corpus: Corpus, cfg: SimConfig) -> Stream:
     return Stream(caption, corpus.caption_image[caption], picks, best, coverage)
 
 
-def load_corpus(db_uri: str, ladder: ResolvedLadder, world_root: str | Path, device: str | None = None,
-                captions_per_image: int | None = None) -> Corpus:
-    """The test split as indexed, every level's image and caption embeddings (`captions_per_image` of each image's
-    held-out captions, default all), and each level's measured seconds per image."""
-    paths, caps = world.load_split(world_root, "test")
-    caps = [c[:captions_per_image] for c in caps] if captions_per_image else caps
+def load_corpus(db_uri: str, ladder: ResolvedLadder, held: evaluate.HeldOut, device: str | None = None) -> Corpus:
+    """The held-out corpus as indexed, every level's image and query embeddings, and each level's measured seconds
+    per image."""
     db = tables.Database(db_uri)
     infos = ladder.levels
-    level0 = evaluate.indexed_vectors(db_uri, infos[0].fingerprint, paths)
-    ids = [images.content_id(Path(p).read_bytes()) for p in paths]
-    captions = [c for cs in caps for c in cs]
+    level0 = evaluate.indexed_vectors(db_uri, infos[0].fingerprint, held)
     loaded, embedded, texts, seconds = [], [], [], []
     for j, info in enumerate(infos):
         model = models.load_model(info.spec, device=device)
-        timed = paths if j else paths[:2000]  # level 0 is the index's: embedded here only to time it
+        timed = None if j else 2000  # level 0 is the index's: embedded here only to time it
         t0 = time.perf_counter()
-        vectors = evaluate.embed_images(model, timed)
-        seconds.append((time.perf_counter() - t0) / len(timed))
+        vectors = evaluate.embed_corpus(model, held, db_uri, timed)
+        seconds.append((time.perf_counter() - t0) / len(vectors))
         embedded.append(vectors)
-        texts.append(texts[info.text] if info.text < j else evaluate.embed_texts(model, captions))
+        texts.append(texts[info.text] if info.text < j else evaluate.embed_texts(model, held.queries))
         loaded.append(model)
-    return Corpus(ids, captions, np.repeat(np.arange(len(paths)), [len(c) for c in caps]), [i.name for i in infos],
+    return Corpus(held.ids, held.queries, held.first, held.relevant, [i.name for i in infos],
                   [i.gflops for i in infos], seconds, [level0] + embedded[1:], texts, [i.text for i in infos],
                   [costs.text_gflops(i.spec) for i in infos], loaded, db)
 
@@ -402,7 +399,8 @@ def simulate(db: str, ladder: ResolvedLadder, world_root: str | Path, cfg: SimCo
              report_dir: str | Path | None = None, sweep: Sequence[float] = (), device: str | None = None) -> SimReport:
     """`bicascade simulate`: the world's test split as indexed in `db`, replayed as a p-small-world stream."""
     check(ladder, cfg)
-    return run_stream(load_corpus(db, ladder, world_root, device), ladder, cfg, report_dir, sweep)
+    return run_stream(load_corpus(db, ladder, evaluate.world_heldout(world_root), device), ladder, cfg, report_dir,
+                      sweep)
 
 
 def check(ladder: ResolvedLadder, cfg: SimConfig) -> SimConfig:
