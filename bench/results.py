@@ -97,9 +97,9 @@ def curves(results: Path, out: Path) -> str | None:
     doc = load(results / "curves.json")
     if doc is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
     rows = ["| arch | image GFLOPs | text GFLOPs | samples | lr | batch | in groups | val R@1 at 1/4 | at 1/2 "
-            "| at the end | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| at the end | train s | of the longest run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     shipped = {end["arch"]: end for end in doc.get("shipped", [])}
     colours: dict[str, str] = {}
     same = ("lr", "hard_groups", "text_gflops")
@@ -115,14 +115,18 @@ def curves(results: Path, out: Path) -> str | None:
         at = [ys[min(range(len(xs)), key=lambda i, f=f: abs(xs[i] - f * run["samples"]))] for f in (0.25, 0.5)]
         rows.append(f"| {run['arch']} | {run['gflops']:.4f} | {run['text_gflops']:.4f} | {run['samples']} "
                     f"| {run['lr']} | {run['batch_size']} | {run['hard_groups']:.0%} | {at[0]:.3f} | {at[1]:.3f} "
-                    f"| {ys[-1]:.3f} | {run['points'][-1]['seconds']:.0f} |")
+                    f"| {ys[-1]:.3f} | {run['points'][-1]['seconds']:.0f} | |")
     for end in doc.get("shipped", []):  # the shipped schedule: its own cosine run, ended
         ax.scatter([end["samples"]], [end["val_recall"]["1"]], s=70, marker="*", color=colours.get(end["arch"]),
                    zorder=3, label=f"{end['arch']} shipped ({end['samples']} samples)")
+        kin = [r for r in doc["runs"] if r["arch"] == end["arch"] and all(r[k] == end[k] for k in same)]
+        longest = max(kin, key=lambda r: r["samples"], default=None)  # how near the shipped level is to a plateau
+        share = (f"{end['val_recall']['1'] / longest['points'][-1]['val_recall']['1']:.0%} of "
+                 f"{longest['points'][-1]['val_recall']['1']:.3f} at {longest['samples'] // 1000}k" if longest else "")
         rows.append(f"| {end['arch']} (shipped) | | {end['text_gflops']:.4f} | {end['samples']} | {end['lr']} | "
-                    f"{end['batch_size']} | {end['hard_groups']:.0%} | | | {end['val_recall']['1']:.3f} | |")
+                    f"{end['batch_size']} | {end['hard_groups']:.0%} | | | {end['val_recall']['1']:.3f} | | {share} |")
     ax.set(xlabel="training samples seen", ylabel="validation R@1", title=f"Learning curves, ladder {doc['ladder']}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: the curves stay visible
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)

@@ -69,8 +69,9 @@ class Profile:
 
 
 TINY = Schedule(samples=4000, batch_size=64)
-# the default ladder's: 180,000 samples reach 91-95% of each level's validation R@1 after 240,000 (bench/curves.py)
-# and keep the first `make demo` near 20 minutes on 2 CPU cores; the ViT and distillation studies keep random batches
+# the default ladder's: 180,000 samples reach 80-87% of each level's validation R@1 after 480,000, in the same order
+# with gaps 1-3 points apart (bench/curves.py), and keep the first `make demo` near 20 minutes on 2 CPU cores
+# (480,000 would take about 49 minutes of training); the ViT and distillation studies keep random batches
 DEFAULT = Schedule(samples=180_000, hard_groups=0.5)
 VIT = ("bc-synth-vit-d2", "bc-synth-vit-d4", "bc-synth-vit-d6")
 PROFILES = {p.name: p for p in [
