@@ -29,9 +29,8 @@ def fake_corpus(n: int = 400, captions_per_image: int = 2, dim: int = 16, seed: 
     owner = np.repeat(np.arange(n), captions_per_image)
     txt = img[owner] + 0.2 * rng.normal(size=(len(owner), dim))
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
-    return simulate.Corpus([f"i{i}" for i in range(n)], [f"c{i}" for i in range(len(owner))], owner, owner[:, None],
-                           ["a"], [1.0],
-                           [1.0], [img.astype(np.float32)], [txt.astype(np.float32)], [0], [0.0], [], None)
+    return simulate.Corpus([f"i{i}" for i in range(n)], [f"c{i}" for i in range(len(owner))], owner[:, None], ["a"],
+                           [1.0], [1.0], [img.astype(np.float32)], [txt.astype(np.float32)], [0], [0.0], [], None)
 
 
 def test_stream_hits_the_requested_coverage_reproducibly():

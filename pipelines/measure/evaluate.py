@@ -106,11 +106,6 @@ class HeldOut:
     paths: list[str] | None = None  # the corpus's files (a world's); else images are read from the database
     indexed_from: str = ""  # what `bicascade index` needs to have read for this corpus
 
-    @property
-    def first(self) -> np.ndarray:
-        """Each query's first relevant image."""
-        return self.relevant[:, 0]
-
 
 def world_heldout(root: str | Path, captions_per_image: int | None = None) -> HeldOut:
     """The world's test split: every caption (or the first `captions_per_image` of each image's) is a query."""

@@ -52,7 +52,6 @@ class Corpus:
 
     ids: list[str]
     captions: list[str]  # the held-out queries
-    caption_image: np.ndarray  # each query's (first) relevant image index: its topic in a stream
     relevant: np.ndarray  # (queries, R) every relevant image index, -1 padded
     names: list[str]  # ladder levels, cheapest first
     gflops: list[float]
@@ -67,6 +66,11 @@ class Corpus:
     @property
     def n(self) -> int:
         return len(self.ids)
+
+    @property
+    def caption_image(self) -> np.ndarray:
+        """Each query's first relevant image: its topic in a stream."""
+        return self.relevant[:, 0]
 
 
 @dataclass
@@ -166,7 +170,7 @@ def load_corpus(db_uri: str, ladder: ResolvedLadder, held: evaluate.HeldOut, dev
         embedded.append(vectors)
         texts.append(texts[info.text] if info.text < j else evaluate.embed_texts(model, held.queries))
         loaded.append(model)
-    return Corpus(held.ids, held.queries, held.first, held.relevant, [i.name for i in infos],
+    return Corpus(held.ids, held.queries, held.relevant, [i.name for i in infos],
                   [i.gflops for i in infos], seconds, [level0] + embedded[1:], texts, [i.text for i in infos],
                   [costs.text_gflops(i.spec) for i in infos], loaded, db)
 
