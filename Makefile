@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: help demo test test-fast lint format browser bench results figures clean
+.PHONY: help demo test test-fast lint format browser bench results figures weights clean
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -45,12 +45,15 @@ bench: $(STAMP) ## the quick benchmarks (serving, and indexing 5,000 images); ea
 results: $(STAMP) ## docs/RESULTS.md and its plots, rendered from the JSON under bench/results/
 	$(BIN)/python bench/results.py
 
+weights: $(STAMP) ## (maintainers) train the default ladder if needed, ship it in bicascade/weights/ (49 min on 2 cores)
+	$(BIN)/python -m bicascade.pipelines.lab.train
+
 R := bench/results
 figures: $(STAMP) ## re-measure everything docs/RESULTS.md shows (hours on 2 cores; needs `make demo` first), then render it
 	$(BIN)/python bench/curves.py --out $(R)/curves.json && $(BIN)/python bench/curves.py --shipped --out $(R)/curves.json
 	$(BIN)/bicascade eval --db work/db --json > $(R)/eval_synthetic.json
 	$(BIN)/bicascade simulate --db work/db --queries 10000 --report work/report --json > $(R)/simulate_synthetic.json
-	$(BIN)/bicascade plan --db work/db --report docs --json > $(R)/plan_synthetic.json && mv docs/frontier.png docs/plan_frontier.png
+	$(BIN)/bicascade plan --db work/db --at 1 --report docs --json > $(R)/plan_synthetic.json && mv docs/frontier.png docs/plan_frontier.png
 	$(BIN)/bicascade eval --db work/db --plan $(R)/plan_synthetic.json --json > $(R)/eval_synthetic_plan.json
 	$(BIN)/bicascade train --ladder synthetic-vit --world work/world && $(BIN)/bicascade distill --ladder synthetic-spds \
 	  --world work/world && $(BIN)/bicascade distill --ladder synthetic-vit-patches --world work/world

@@ -2,7 +2,7 @@
 a long budget, evaluated every `--every` samples on the world's validation split. Writes JSON (and a plot with
 `bench/results.py`). Not a test.
 
-    python bench/curves.py [--ladder synthetic] [--samples 240000] [--every 12000] [--hard-groups 0.5]
+    python bench/curves.py [--ladder synthetic] [--samples 480000] [--every 24000] [--hard-groups 0.5]
         [--out bench/results/curves.json]
 """
 from __future__ import annotations
@@ -61,8 +61,8 @@ class Recorder:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ladder", default="synthetic")
-    ap.add_argument("--samples", type=int, default=240_000)
-    ap.add_argument("--every", type=int, default=12_000)
+    ap.add_argument("--samples", type=int, default=480_000)
+    ap.add_argument("--every", type=int, default=24_000)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--hard-groups", type=float, default=None, help="share of a batch in near-duplicate groups")

@@ -268,14 +268,15 @@ def plan_section(results: Path, out: Path) -> str | None:
         rows.append(f"| {' -> '.join(c['cascade'])} | {','.join(map(str, c['cutoffs']))} | "
                     f"{fmt(c['adaptive_margin'], 2)} | {c['recall']['1']:.3f} | {c['recall']['10']:.3f} | "
                     f"{c['f_life_measured']:.2f} | {c['f_life_eq1']:.2f} |")
-    chosen = doc["chosen"]
+    chosen, at = doc["chosen"], str(doc.get("at", 10))
     picture = "\n\n![frontier](plan_frontier.png)" if (out / "plan_frontier.png").exists() else ""
     return (f"## The quality-cost frontier (`bicascade plan`)\n\n{doc['candidates']} cascades of {doc['ladder']}, "
             f"recall on {doc['queries']} held-out captions, cost on a {doc['stream_queries']}-query stream at p = "
-            f"{doc['p_measured']:.3f}; the top level alone: R@10 {doc['reference']['recall']['10']:.4f}. Chosen within "
-            f"{doc['recall_loss_points']} points: {' -> '.join(chosen['cascade'])}, m = {chosen['cutoffs']}"
+            f"{doc['p_measured']:.3f}; frontier and budget on R@{at}; the top level alone: R@{at} "
+            f"{doc['reference']['recall'][at]:.4f}. Chosen within {doc['recall_loss_points']} points: "
+            f"{' -> '.join(chosen['cascade'])}, m = {chosen['cutoffs']}"
             + (f", adaptive margin {chosen['adaptive_margin']}" if chosen['adaptive_margin'] else "")
-            + f", R@10 {chosen['recall']['10']:.4f}, F_life {chosen['f_life_measured']:.2f} measured.{picture}\n\n"
+            + f", R@{at} {chosen['recall'][at]:.4f}, F_life {chosen['f_life_measured']:.2f} measured.{picture}\n\n"
             + "\n".join(rows))
 
 

@@ -238,7 +238,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     ladder = _db_ladder(args)
     held = _held_out(args.labels, tables.Database(args.db), args.world)
     report = plan.plan(args.db, ladder, held, p=args.p, recall_loss=args.recall_loss, stream_queries=args.queries,
-                       device=args.device)
+                       device=args.device, at=args.at)
     if args.report:
         plan.plot(report, Path(args.report) / "frontier.png")
     emit(args, report)
@@ -433,7 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("plan", cmd_plan, "the quality-cost frontier of the ladder's cascades (fixed and adaptive cutoffs) "
                                   "and the cheapest within a recall budget; `serve --plan FILE` serves it")
     stream_args(p)
-    p.add_argument("--recall-loss", type=float, default=0.5, help="R@10 points the cascade may lose (default 0.5)")
+    p.add_argument("--recall-loss", type=float, default=0.5, help="recall points the cascade may lose (default 0.5)")
+    p.add_argument("--at", type=int, choices=(1, 5, 10), default=10,
+                   help="the recall@K of the budget and the frontier (default 10; where every level finds nearly "
+                        "all at 10, as on the demo world, R@1 is what tells them apart)")
     p.add_argument("--labels", default=None, metavar="FILE", help=LABELS)
     p.add_argument("--report", default=None, help="write frontier.png here")
 

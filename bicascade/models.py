@@ -94,6 +94,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bicascade"
 
 
+# checkpoints shipped with the source (the default ladder's): a fresh clone's demo reuses them instead of training
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
 def ladder_file(name: str) -> Path:
     return cache_dir() / "ladders" / f"{name}.json"
 

@@ -104,8 +104,8 @@ def test_plan_and_eval_measure_the_users_own_labelled_queries(user):
     labels = root / "labels.jsonl"
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
     planned = cli_json("plan", "--db", str(root / "db"), "--labels", str(labels), "--queries", "200",
-                       "--recall-loss", "100")
-    assert planned["queries"] == len(rows) and planned["chosen"] is not None
+                       "--recall-loss", "100", "--at", "1")
+    assert planned["queries"] == len(rows) and planned["chosen"] is not None and planned["at"] == 1
 
     ids = db.column(tables.IMAGES, "id")
     top = models.load_model("mine/ViT-S-16", device="cpu")

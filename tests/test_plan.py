@@ -1,9 +1,13 @@
 """The planner: its vectorised cascade equals Algorithm 1 (fixed cutoffs) and evaluate.cascade_topk, adaptive
 cutoffs send fewer candidates only where the margin allows, the frontier is Pareto-optimal, the chosen cascade
 is the cheapest within the budget."""
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
 
 from bicascade.cascade import Cascade, ExactIndex, Level
+from bicascade.errors import BadInputError
 from bicascade.pipelines.measure import evaluate, plan
 
 
@@ -44,8 +48,18 @@ def test_adaptive_cutoffs_send_fewer_where_the_margin_allows():
     assert tight[1][0].sum() < fixed[1][0].sum()
 
 
-def candidate(f, r):
-    return plan.Candidate(["a"], [], None, {"1": r, "5": r, "10": r}, f, f, [], [])
+def candidate(f, r, r1=None):
+    return plan.Candidate(["a"], [], None, {"1": r if r1 is None else r1, "5": r, "10": r}, f, f, [], [])
+
+
+def test_the_budget_and_the_frontier_on_recall_at_1_where_recall_at_10_saturates():
+    cs = [candidate(16, 0.994, 0.57), candidate(13, 0.997, 0.735), candidate(6, 0.999, 0.76)]
+    assert plan.choose(cs, 0.999 - 0.005).f_life_measured == 16  # at 10 every level is within half a point
+    assert plan.choose(cs, 0.76 - 0.03, at=1).f_life_measured == 13
+    assert plan.choose(cs, 0.76 - 0.001, at=1).f_life_measured == 6 and plan.choose(cs, 0.8, at=1) is None
+    assert [c.f_life_measured for c in plan.pareto(cs, at=1)] == [16, 13, 6]
+    with pytest.raises(BadInputError, match="recall@3"):
+        plan.plan("db", SimpleNamespace(name="L", levels=[0, 1]), None, at=3)
 
 
 def test_the_frontier_keeps_only_undominated_cascades():

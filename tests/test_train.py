@@ -6,13 +6,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 
 from bicascade import costs, models
-from bicascade.pipelines.lab import objectives, train
+from bicascade.pipelines.lab import objectives, train, world
 
 SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch
@@ -67,6 +69,46 @@ def test_tiny_ladder_cached_and_registered(monkeypatch):
     assert train.ensure_ladder("synthetic-tiny", with_world=False) == (ladder, None) and not root.exists()
     models._LADDERS.pop("synthetic-tiny")
     assert models.get_ladder("synthetic-tiny").levels == ladder.levels  # persisted for other processes
+
+
+@pytest.mark.slow
+def test_shipped_weights_embed_the_world_as_trained_and_spare_a_fresh_clone_training(monkeypatch, tmp_path):
+    shelf = tmp_path / "weights"
+    monkeypatch.setattr(models, "WEIGHTS_DIR", shelf)
+    shelf.mkdir()
+    stale = shelf / "bc-tiny-s-0123456789abcdef.pt"  # what an older schedule shipped
+    stale.write_bytes(b"old")
+    ladder, root = train.ensure_ladder("synthetic-tiny")
+    trained = [models.get_model(n) for n in ladder.levels]
+    shipped = train.ship("synthetic-tiny")
+    assert [p.name for p in shipped] == [Path(s.checkpoint).name for s in trained] and not stale.exists()
+    assert sorted(shelf.iterdir()) == sorted(shipped)
+
+    monkeypatch.setenv("BICASCADE_CACHE", str(tmp_path / "fresh-clone"))
+    monkeypatch.setattr(train, "train_level", lambda *a, **k: pytest.fail("shipped weights must not be trained again"))
+    again, _ = train.ensure_ladder("synthetic-tiny", with_world=False)
+    assert again.levels == ladder.levels
+    captions = [c for cs in world.load_split(root, "test")[1][:100] for c in cs]
+    for before, name in zip(trained, again.levels):
+        after = models.get_model(name)
+        assert Path(after.checkpoint).parent == shelf
+        tokens = open_clip.get_tokenizer(after.arch)(captions)
+        old, new = (models.build_model(s).eval() for s in (before, after))
+        size = models.model_config(after.arch)["vision_cfg"]["image_size"]
+        pixels = torch.rand(2, 3, size, size)
+        with torch.no_grad():  # every caption of the world embeds exactly as trained, and so does every image
+            assert torch.equal(old.encode_text(tokens), new.encode_text(tokens))
+            assert torch.equal(old.encode_image(pixels), new.encode_image(pixels))
+        rows = new.token_embedding.weight.abs().sum(1) > 0  # only the world's vocabulary is kept
+        assert 10 < rows.sum() < 1000 and rows[tokens.unique()].all()
+
+
+def test_a_fresh_clone_finds_the_default_ladder_shipped():
+    """`make demo` reuses bicascade/weights/ instead of training for about 49 minutes: a change to the world, a model
+    config or the schedule changes the digests and needs `make weights` (which also drops the old files)."""
+    planned = train.checkpoints(train.PROFILES[train.SYNTHETIC], {})
+    assert all(t.parent == models.WEIGHTS_DIR for t in planned.targets), [t.name for t in planned.targets]
+    assert sorted(models.WEIGHTS_DIR.glob("*.pt")) == sorted(planned.targets)
 
 
 def test_default_profile_contract():

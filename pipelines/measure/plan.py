@@ -49,6 +49,7 @@ class PlanReport:
     p: float
     p_measured: float
     recall_loss_points: float
+    at: int  # the recall@k the budget and the frontier are on
     reference: dict  # the top level alone: its recall
     chosen: Candidate | None
     frontier: list[Candidate]
@@ -58,15 +59,16 @@ class PlanReport:
 
     def to_json(self) -> dict:
         return {"ladder": self.ladder, "p": self.p, "p_measured": self.p_measured,
-                "recall_loss_points": self.recall_loss_points, "reference": self.reference,
+                "recall_loss_points": self.recall_loss_points, "at": self.at, "reference": self.reference,
                 "chosen": asdict(self.chosen) if self.chosen else None,
                 "frontier": [asdict(c) for c in self.frontier], "candidates": self.candidates,
                 "queries": self.queries, "stream_queries": self.stream_queries}
 
     def format(self) -> str:
+        at = str(self.at)
         lines = [f"{self.candidates} cascades of {self.ladder} on {self.queries} held-out queries; cost measured on a "
-                 f"{self.stream_queries}-query stream at p = {self.p_measured:.3f}; top level alone R@10 "
-                 f"{self.reference['recall']['10']:.4f}", "frontier (cheapest first):",
+                 f"{self.stream_queries}-query stream at p = {self.p_measured:.3f}; top level alone R@{at} "
+                 f"{self.reference['recall'][at]:.4f}", f"frontier on R@{at} (cheapest first):",
                  f"  {'cascade':<44} {'m':<10} {'margin':<7} {'R@1':>6} {'R@10':>6} {'F_life':>7} {'Eq. 1':>7}"]
         for c in self.frontier:
             lines.append(f"  {' -> '.join(c.cascade):<44} {','.join(map(str, c.cutoffs)):<10} "
@@ -74,9 +76,9 @@ class PlanReport:
                          f"{c.recall['10']:>6.3f} {c.f_life_measured:>7.2f} {c.f_life_eq1:>7.2f}")
         if self.chosen:
             c = self.chosen
-            lines.append(f"chosen (R@10 loss <= {self.recall_loss_points} points): {' -> '.join(c.cascade)} "
+            lines.append(f"chosen (R@{at} loss <= {self.recall_loss_points} points): {' -> '.join(c.cascade)} "
                          f"m = {c.cutoffs}" + (f", adaptive margin {c.adaptive_margin}" if c.adaptive_margin else "")
-                         + f": R@10 {c.recall['10']:.4f}, F_life {c.f_life_measured:.2f} measured, "
+                         + f": R@{at} {c.recall[at]:.4f}, F_life {c.f_life_measured:.2f} measured, "
                          f"{c.f_life_eq1:.2f} by Eq. 1")
         return "\n".join(lines)
 
@@ -102,11 +104,14 @@ def candidates(names: Sequence[str], margins: Sequence[float] = MARGINS) -> list
 
 
 def plan(db: str, ladder: ResolvedLadder, held: evaluate.HeldOut, p: float = 0.1, recall_loss: float = 0.5,
-         stream_queries: int = 10_000, device: str | None = None, k: int = 10) -> PlanReport:
-    """The frontier and the cheapest cascade whose R@10 on the held-out queries is within `recall_loss` points of the
+         stream_queries: int = 10_000, device: str | None = None, at: int = 10) -> PlanReport:
+    """The frontier and the cheapest cascade whose R@`at` on the held-out queries is within `recall_loss` points of the
     top level's."""
     if len(ladder.levels) < 2:
         raise BadInputError(f"ladder {ladder.name} has one level: nothing to plan")
+    if at not in evaluate.KS:
+        raise BadInputError(f"recall@{at} is not measured: pick one of {', '.join(map(str, evaluate.KS))}")
+    k = max(evaluate.KS)
     corpus = simulate.load_corpus(db, ladder, held, device)
     truth = corpus.relevant
     stream = simulate.make_stream(corpus, simulate.SimConfig(p=p, queries=stream_queries, cutoffs=(50, 14)))
@@ -135,22 +140,25 @@ def plan(db: str, ladder: ResolvedLadder, held: evaluate.HeldOut, p: float = 0.1
             f_life_eq1=f_life(c, stream.coverage, gflops[top]),  # Eq. 1 against the ladder's top level
             f_life_measured=n * gflops[top] / spent, encoded_per_query=[round(s, 2) for s in sent],
             coverage=[float(r.mean()) for r in reached]))
-    frontier = pareto(found)
-    budget = reference["recall"]["10"] - recall_loss / 100
-    within = [c for c in found if c.recall["10"] >= budget - 1e-12]
-    chosen = max(within, key=lambda c: (c.f_life_measured, -sum(c.cutoffs))) if within else None
-    return PlanReport(ladder.name, p, stream.coverage, recall_loss, reference, chosen, frontier, len(found),
-                      len(truth), len(stream.caption))
+    chosen = choose(found, reference["recall"][str(at)] - recall_loss / 100, at)
+    return PlanReport(ladder.name, p, stream.coverage, recall_loss, at, reference, chosen, pareto(found, at),
+                      len(found), len(truth), len(stream.caption))
 
 
-def pareto(found: list[Candidate]) -> list[Candidate]:
-    """Cascades no other beats on both R@10 and measured F_life, cheapest (highest F_life) first."""
-    best = sorted(found, key=lambda c: (-c.f_life_measured, -c.recall["10"]))
+def choose(found: list[Candidate], budget: float, at: int = 10) -> Candidate | None:
+    """The cheapest cascade whose R@`at` reaches `budget` (of two as cheap, the one that sends fewer candidates)."""
+    within = [c for c in found if c.recall[str(at)] >= budget - 1e-12]
+    return max(within, key=lambda c: (c.f_life_measured, -sum(c.cutoffs))) if within else None
+
+
+def pareto(found: list[Candidate], at: int = 10) -> list[Candidate]:
+    """Cascades no other beats on both R@`at` and measured F_life, cheapest (highest F_life) first."""
+    best = sorted(found, key=lambda c: (-c.f_life_measured, -c.recall[str(at)]))
     out, top = [], -1.0
     for c in best:
-        if c.recall["10"] > top + 1e-12:
+        if c.recall[str(at)] > top + 1e-12:
             out.append(c)
-            top = c.recall["10"]
+            top = c.recall[str(at)]
     return out
 
 
@@ -173,23 +181,24 @@ def plot(report: PlanReport, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    at = str(report.at)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for c in report.frontier:
         marker = "^" if c.adaptive_margin is not None else "o"
-        ax.scatter(c.f_life_measured, c.recall["10"], marker=marker, color="C0" if marker == "o" else "C1")
+        ax.scatter(c.f_life_measured, c.recall[at], marker=marker, color="C0" if marker == "o" else "C1")
     fixed = [c for c in report.frontier if c.adaptive_margin is None]
-    ax.plot([c.f_life_measured for c in fixed], [c.recall["10"] for c in fixed], "-", color="C0", alpha=.5,
+    ax.plot([c.f_life_measured for c in fixed], [c.recall[at] for c in fixed], "-", color="C0", alpha=.5,
             label="fixed cutoffs (frontier)")
     adaptive = [c for c in report.frontier if c.adaptive_margin is not None]
     if adaptive:
         ax.scatter([], [], marker="^", color="C1", label="adaptive cutoffs")
-    ax.axhline(report.reference["recall"]["10"], color="k", ls="--", lw=1, label="top level alone")
-    ax.axhline(report.reference["recall"]["10"] - report.recall_loss_points / 100, color="grey", ls=":", lw=1,
+    ax.axhline(report.reference["recall"][at], color="k", ls="--", lw=1, label="top level alone")
+    ax.axhline(report.reference["recall"][at] - report.recall_loss_points / 100, color="grey", ls=":", lw=1,
                label=f"budget: -{report.recall_loss_points} points")
     if report.chosen:
-        ax.scatter(report.chosen.f_life_measured, report.chosen.recall["10"], s=160, facecolors="none",
+        ax.scatter(report.chosen.f_life_measured, report.chosen.recall[at], s=160, facecolors="none",
                    edgecolors="red", label="chosen")
-    ax.set(xscale="log", xlabel=f"F_life measured on the stream (p = {report.p_measured:.3f})", ylabel="Recall@10",
+    ax.set(xscale="log", xlabel=f"F_life measured on the stream (p = {report.p_measured:.3f})", ylabel=f"Recall@{at}",
            title=f"Quality-cost frontier of {report.ladder}")
     ax.legend(fontsize=8)
     fig.tight_layout()
