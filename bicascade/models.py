@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -360,7 +361,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise MissingWeightsError(f"checkpoint not found: {path}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a shipped token table is sparse: torch checks it on load and says so
+            warnings.filterwarnings("ignore", "Validating sparse tensor invariants")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with objects, or not a torch file at all
         raise MissingWeightsError(f"checkpoint {path} cannot be read safely (weights_only): "
                                   f"{str(e).splitlines()[0][:200]}") from None
@@ -368,7 +371,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise MissingWeightsError(f"checkpoint {path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    return {k.removeprefix("module."): v.to_dense() if v.is_sparse else v for k, v in sd.items()}
 
 
 def fit_checkpoint(model: torch.nn.Module, spec: ModelSpec) -> None:

@@ -83,6 +83,7 @@ def test_shipped_weights_embed_the_world_as_trained_and_spare_a_fresh_clone_trai
     shipped = train.ship("synthetic-tiny")
     assert [p.name for p in shipped] == [Path(s.checkpoint).name for s in trained] and not stale.exists()
     assert sorted(shelf.iterdir()) == sorted(shipped)
+    assert all(p.stat().st_size < Path(s.checkpoint).stat().st_size / 2 for p, s in zip(shipped, trained))
 
     monkeypatch.setenv("BICASCADE_CACHE", str(tmp_path / "fresh-clone"))
     monkeypatch.setattr(train, "train_level", lambda *a, **k: pytest.fail("shipped weights must not be trained again"))
