@@ -329,7 +329,8 @@ def ship(name: str = SYNTHETIC) -> list[Path]:
         sd = models.read_state_dict(spec.checkpoint)
         used = open_clip.get_tokenizer(spec.arch)(captions).unique()
         table = sd["token_embedding.weight"]
-        sd["token_embedding.weight"] = torch.sparse_coo_tensor(used[None], table[used], table.shape).coalesce()
+        sd["token_embedding.weight"] = torch.sparse_coo_tensor(used[None], table[used], table.shape,
+                                                               check_invariants=True).coalesce()
         shipped.append(models.save_checkpoint(sd, models.WEIGHTS_DIR / Path(spec.checkpoint).name))
     for stale in old - set(shipped):
         stale.unlink()
