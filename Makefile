@@ -4,19 +4,30 @@ PYTHON ?= python3
 VENV ?= .venv
 # torch/torchvision pair known to work here (pip takes them from local disk); override on other platforms.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# every direct and transitive dependency pinned to the versions the suite passed with (`make lock` refreshes it;
+# `make LOCK= ...` installs without it, e.g. with another TORCH_SPEC)
+LOCK ?= constraints.txt
+PIP_LOCK := $(if $(LOCK),-c $(LOCK))
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: help demo test test-fast lint format browser bench results figures weights clean
+.PHONY: help demo test test-fast lock mutation lint format browser bench results figures weights clean
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q $(PIP_LOCK) $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q $(PIP_LOCK) -e '.[test]'
 	touch $(STAMP)
+
+lock: ## re-resolve every dependency in a scratch virtualenv and pin what it got in constraints.txt
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q $(TORCH_SPEC) && .lock-venv/bin/python -m pip install -q -e '.[test,mutation]'
+	{ echo "# pinned by \`make lock\` ($(TORCH_SPEC), Python $$(.lock-venv/bin/python -V | cut -d' ' -f2)); \
+	  make installs with it"; .lock-venv/bin/python -m pip freeze --exclude-editable; } > constraints.txt
+	rm -rf .lock-venv
 
 demo: $(STAMP) ## run the whole system on the embedded default (DEMO_ARGS="--no-serve --json" ...)
 	$(BIN)/bicascade demo $(DEMO_ARGS)
@@ -24,11 +35,15 @@ demo: $(STAMP) ## run the whole system on the embedded default (DEMO_ARGS="--no-
 lint: $(STAMP) ## ruff: the rules in pyproject.toml
 	$(BIN)/ruff check .
 
-test: lint browser ## lint, then the whole test suite
-	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+test: lint browser ## lint, then the whole test suite (what CI runs; 15 minutes here from a fresh clone)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
-test-fast: lint ## lint, then the tests that start no Ray and train nothing big (about a minute)
-	$(BIN)/python -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
+test-fast: lint ## lint, then the tests that start no Ray and train nothing big (under a minute)
+	$(BIN)/python -m pytest -m "not slow and not ray" --durations=25 $(PYTEST_ARGS)
+
+mutation: $(STAMP) ## mutation testing of cascade.py, storage/cache.py, storage/filters.py against their tests (not in `make test`)
+	$(BIN)/python -m pip install -q $(PIP_LOCK) -e '.[mutation]'
+	$(BIN)/python tests/mutation.py --out bench/results/mutation.json
 
 browser: ## Debian's Chromium for the page's browser test (installed with apt when missing and possible)
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
@@ -68,4 +83,4 @@ figures: $(STAMP) ## re-measure everything docs/RESULTS.md shows (hours on 2 cor
 	$(BIN)/python bench/results.py
 
 clean: ## remove the virtualenv and build outputs
-	rm -rf $(VENV) build dist *.egg-info work
+	rm -rf $(VENV) build dist *.egg-info work mutants .lock-venv

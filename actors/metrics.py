@@ -105,8 +105,9 @@ class MetricsHub:
         return generate_latest(self.registry)
 
 
-def hub() -> ray.actor.ActorHandle:
-    return MetricsHub.options(name="bicascade-metrics", namespace="bicascade", get_if_exists=True,
+def hub(app: str) -> ray.actor.ActorHandle:
+    """The hub of one Serve app: two apps on one cluster never mix their counts."""
+    return MetricsHub.options(name=f"bicascade-metrics-{app}", namespace="bicascade", get_if_exists=True,
                               lifetime="detached", max_restarts=-1, max_task_retries=-1).remote()
 
 
@@ -116,10 +117,9 @@ def push(recorder: Recorder, target: ray.actor.ActorHandle) -> ray.ObjectRef | N
     return target.add.remote(counts, observations, gauges) if counts or observations or gauges else None
 
 
-def start_flusher(recorder: Recorder, every_s: float = 1.0) -> threading.Event:
+def start_flusher(recorder: Recorder, target: ray.actor.ActorHandle, every_s: float = 1.0) -> threading.Event:
     """Send `recorder`'s deltas to the hub every `every_s` (fire and forget); set the event to stop."""
     stop = threading.Event()
-    target = hub()
 
     def loop() -> None:
         while not stop.wait(every_s):

@@ -5,6 +5,7 @@ the replica that took the HTTP request: no handle hop between the ingress and th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
@@ -124,13 +125,18 @@ class CacheWriter:
                 self.cache.last_flush = time.monotonic()
 
 
+def writer_name(db: str, fingerprint: str) -> str:
+    """One writer per table: a level's cache table in one database (two databases on one cluster never share)."""
+    return f"bicascade-cache-{hashlib.sha1(db.encode()).hexdigest()[:10]}-{fingerprint}"
+
+
 def writer_for(db: str, level: LevelInfo, max_rows: int | None = None) -> ray.actor.ActorHandle:
     """The cluster's one writer of this level's cache table, on the head node (it outlives autoscaled-away
     workers there; it needs no CPU). Hard affinity: soft affinity placed actors elsewhere in about half the tries."""
     head = next((n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]), None)
     strategy = NodeAffinitySchedulingStrategy(head, soft=False) if head else "DEFAULT"
     # restarted when it dies (losing only its unflushed batch), and calls made meanwhile are retried on the new one
-    return CacheWriter.options(name=f"bicascade-cache-{level.fingerprint}", namespace="bicascade", get_if_exists=True,
+    return CacheWriter.options(name=writer_name(db, level.fingerprint), namespace="bicascade", get_if_exists=True,
                                lifetime="detached", scheduling_strategy=strategy, max_restarts=-1,
                                max_task_retries=-1).remote(db, level.fingerprint, level.dim, max_rows=max_rows)
 
@@ -202,7 +208,7 @@ class Router:
     ingress replica; its blocking methods (`image`, `metadata`, `flush`, `stats`) are for a worker thread."""
 
     def __init__(self, db: str, infos: list[LevelInfo], cutoffs: list[int], encoders: list,
-                 config: RouterConfig = RouterConfig()) -> None:
+                 config: RouterConfig = RouterConfig(), app: str = "bicascade") -> None:
         self.db = tables.Database(db)
         self.infos = infos  # computed by the driver: a replica on another node needs no model registry
         self.encoders, self.config = encoders, config
@@ -227,8 +233,8 @@ class Router:
         self.audit = Audit(config.audit_fraction)
         self.audit_front = cache.LruVectors(32 << 20)
         self.metrics = metrics.Recorder()
-        self.stop = metrics.start_flusher(self.metrics)
-        self.hub = metrics.hub()
+        self.hub = metrics.hub(app)
+        self.stop = metrics.start_flusher(self.metrics, self.hub)
         self.last_refresh = time.monotonic()
 
     @staticmethod

@@ -137,7 +137,7 @@ class SearchOutput:
         return sum(s.gflops for s in self.levels)
 
     def to_json(self, uris: dict[str, str], names: Sequence[str], text_encodes: int) -> dict:
-        """The HTTP API's response document (DESIGN.md §3), with per-result provenance and the query's text
+        """The HTTP API's response document (README, Serving), with per-result provenance and the query's text
         embeddings computed (one per distinct text tower)."""
         return {"results": [{"id": r.id, "score": r.score, "uri": uris.get(r.id),
                              "levels": [{"model": names[j], "score": s, "cached": j > 0 and r.cached[j - 1]}

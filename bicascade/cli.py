@@ -211,7 +211,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     server.serve_forever(AppConfig(db=args.db, ladder=args.ladder, cutoffs=args.m, max_inflight=args.max_inflight,
                                    api_keys=args.api_key_file, rate=args.rate, burst=args.burst,
-                                   replicas=args.replicas or {}, plan=plan.load_plan(args.plan) if args.plan else None),
+                                   replicas=args.replicas or {}, plan=plan.load_plan(args.plan) if args.plan else None,
+                                   group_gflops=args.group_gflops),
                          host=args.host, port=args.port, dashboard=args.dashboard, direct=args.direct)
 
 
@@ -403,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, metavar="FILE", help="serve the cascade `bicascade plan --json` chose")
     p.add_argument("--replicas", type=_counts, default=None, metavar="NAME=N,...",
                    help="fixed replica counts instead of autoscaling, e.g. Api=3,Encoder2=2")
+    p.add_argument("--group-gflops", type=float, default=1.0, metavar="G",
+                   help="levels cheaper than G GFLOPs per image share one Encoder deployment (default 1; 0: one "
+                        "deployment per level)")
     p.add_argument("--direct", action="store_true",
                    help="one node, fastest: the ingress replica answers HTTP itself, with no Serve proxy in between "
                         "(about 3x the searches/s on 2 cores); one ingress replica, a local cluster only, and a "

@@ -1,4 +1,4 @@
-"""The HTTP API (DESIGN.md §3) as a Ray Serve app: a FastAPI ingress that runs the cascade itself (a Router per
+"""The HTTP API (README, Serving) as a Ray Serve app: a FastAPI ingress that runs the cascade itself (a Router per
 replica) over one Encoder deployment per level.
 
 Routes: the search page (GET /), POST /search (text, an indexed image, or an uploaded image; filters, paging,
@@ -56,6 +56,7 @@ class AppConfig:
     ladder: str | None = None  # default: the ladder the database was indexed with
     cutoffs: list[int] | None = None  # default: the paper's (50, 14) for three levels
     encoder_threads: int = 1
+    group_gflops: float = 1.0  # levels cheaper than this (GFLOPs per image) share one Encoder deployment; 0: never
     max_inflight: int = 64  # searches per ingress replica before it answers 503 + Retry-After
     api_keys: str | None = None  # a file of `KEY [read|admin]` lines; or $BICASCADE_API_KEYS
     rate: float = 200.0  # requests per second per client; 0 turns limits off
@@ -448,14 +449,15 @@ class Overloaded(Exception):
 @serve.ingress(api)
 class Api:
     def __init__(self, encoders: list[DeploymentHandle], infos: list[LevelInfo], cutoffs: list[int], ladder: str,
-                 config: AppConfig, router: RouterConfig) -> None:
-        self.router = Router(config.db, infos, cutoffs, encoders, router)
+                 config: AppConfig, router: RouterConfig, keys: "Keys | None") -> None:
+        app = serve.get_replica_context().app_name
+        self.router = Router(config.db, infos, cutoffs, encoders, router, app=app)
         self.cutoffs, self.max_inflight, self.ladder = cutoffs, config.max_inflight, ladder
         self.levels = [{"model": info.name, "gflops": info.gflops} for info in infos]
         self.depth = len(cutoffs) + 1
         self.inflight = 0
-        self.keys = Keys.load(config.api_keys)
-        self.limiter = Limiter(RateLimit(config.rate, config.burst), serve.get_replica_context().app_name)
+        self.keys = keys  # read by the driver: a replica on another node has neither the key file nor its env
+        self.limiter = Limiter(RateLimit(config.rate, config.burst), app)
         self.thumbs: dict[tuple[str, int], bytes] = {}
         self.metrics = self.router.metrics  # one recorder per replica, flushed to the hub every second
         api.state.recorder = self.metrics  # for the responses FastAPI gives before a route runs

@@ -50,15 +50,26 @@ def gpu_shares(gflops: list[float], gpus: float) -> list[float]:
     return [max(0.05, min(1.0, math.floor(100 * gpus * g / total) / 100)) for g in gflops]
 
 
-def encoder_options(opts: dict[str, dict], infos: list[LevelInfo], gpus: float) -> list[dict]:
-    """Each level's deployment options from serve/config.yaml (the deepest entry serves deeper ladders), with a GPU
-    share added where the config names none and the cluster has GPUs."""
+def groups(infos: list[LevelInfo], below_gflops: float) -> list[list[int]]:
+    """The levels each Encoder deployment serves: the cheap levels (under `below_gflops` per image) share one, every
+    other level has its own. A replica process costs seconds of CPU to start (torch and open_clip), more than a tiny
+    level computes in its life; a real one (ViT-B: 4.4 GFLOPs and up) gets its own replicas and autoscaling."""
+    cheap = [j for j, info in enumerate(infos) if info.gflops < below_gflops]
+    rest = [[j] for j in range(len(infos)) if j not in cheap]
+    return sorted(([cheap] if len(cheap) > 1 else [[j] for j in cheap]) + rest)
+
+
+def encoder_options(opts: dict[str, dict], infos: list[LevelInfo], gpus: float, grouped: list[list[int]]
+                    ) -> list[dict]:
+    """Each Encoder deployment's options from serve/config.yaml (named for its first level; the deepest entry serves
+    deeper ladders), with a GPU share added where the config names none and the cluster has GPUs."""
     deepest = opts[max(n for n in opts if n.startswith("Encoder"))]
     shares = gpu_shares([info.gflops for info in infos], gpus)
     out = []
-    for j, share in enumerate(shares):
-        o = copy.deepcopy(opts.get(f"Encoder{j}", deepest))
+    for levels in grouped:
+        o = copy.deepcopy(opts.get(f"Encoder{levels[0]}", deepest))
         actor = o.setdefault("ray_actor_options", {})
+        share = min(1.0, sum(shares[j] for j in levels))
         if share and "num_gpus" not in actor:
             actor["num_gpus"] = share
         out.append(o)
@@ -76,7 +87,8 @@ def planned(ladder: ResolvedLadder, plan: dict) -> list[LevelInfo]:
 
 
 def build(config: AppConfig) -> serve.Application:
-    """The app graph: one Encoder per level and the HTTP ingress (with its Router) over their handles."""
+    """The app graph: an Encoder deployment per level (the cheap ones share one) and the HTTP ingress (with its
+    Router) over their handles."""
     opts = deployment_options()
     for name, n in config.replicas.items():
         if name not in opts and not name.startswith("Encoder"):
@@ -94,13 +106,23 @@ def build(config: AppConfig) -> serve.Application:
         models.preflight(info.spec)
     cutoffs = list(config.cutoffs) if config.cutoffs is not None else list(default_cutoffs(len(infos)))
     validate(len(infos), cutoffs)
-    Keys.load(config.api_keys)  # a bad key file fails here, in one line
+    keys = Keys.load(config.api_keys)  # a bad key file fails here, in one line
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     # specs, not names: a replica on another node needs no registry, only the checkpoint path
-    encoders = [Encoder.options(name=f"Encoder{j}", **o).bind(info.spec, config.db, config.encoder_threads)
-                for j, (info, o) in enumerate(zip(infos, encoder_options(opts, infos, gpus)))]
+    grouped = groups(infos, config.group_gflops)
+    served = {"Api", *(f"Encoder{levels[0]}" for levels in grouped)}
+    if set(config.replicas) - served:
+        raise BadInputError(f"replicas: no deployment {sorted(set(config.replicas) - served)} in this app "
+                            f"({', '.join(sorted(served))}; levels under {config.group_gflops:g} GFLOPs share one)")
+    encoders: list = [None] * len(infos)
+    for levels, o in zip(grouped, encoder_options(opts, infos, gpus, grouped)):
+        specs = [infos[j].spec for j in levels]
+        handle = Encoder.options(name=f"Encoder{levels[0]}", **o).bind(specs if len(specs) > 1 else specs[0],
+                                                                       config.db, config.encoder_threads)
+        for j in levels:
+            encoders[j] = handle
     router = RouterConfig(**{"margin": margin, **config.router})
-    return Api.options(**opts["Api"]).bind(encoders, infos, cutoffs, ladder.name, config, router)
+    return Api.options(**opts["Api"]).bind(encoders, infos, cutoffs, ladder.name, config, router, keys)
 
 
 def app_builder(args: dict) -> serve.Application:

@@ -2,6 +2,7 @@
 flush the cache writers and shut everything down."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -70,7 +71,27 @@ def stop(flush: bool = True) -> None:
         except Exception as e:  # a replica lost on the way out: what it held is gone, say so
             log.warning("could not flush the caches: %s", e)
     serve.shutdown()
+    release()
     ray.shutdown()
+
+
+def release() -> None:
+    """Kill the detached actors the apps left on the cluster (cache writers, metrics hubs, rate quotas), each cache
+    writer after one more flush (writes the stopping replicas sent after the app's flush): on a local cluster
+    ray.shutdown would kill them, but a joined one (RAY_ADDRESS) keeps them until the cluster goes."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "bicascade" and a["name"].startswith("bicascade-")]
+    actors = {}
+    for name in names:
+        with contextlib.suppress(ValueError):  # gone meanwhile
+            actors[name] = ray.get_actor(name, namespace="bicascade")
+    writers = [a for name, a in actors.items() if name.startswith("bicascade-cache-")]
+    try:
+        ray.get([w.flush.remote() for w in writers], timeout=60)
+    except Exception as e:  # a writer lost on the way out: what it held is gone, say so
+        log.warning("could not flush a cache writer: %s", e)
+    for actor in actors.values():
+        ray.kill(actor, no_restart=True)
 
 
 def follow(config: AppConfig, host: str, port: int, done: threading.Event, every_s: float = 5.0) -> None:

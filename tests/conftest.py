@@ -1,5 +1,11 @@
-"""Shared fixtures and helpers: an isolated cache directory (tests never touch the user's checkpoints or ladders),
-tiny indexed corpora, one way to run the CLI and one way to start and stop a server."""
+"""Shared fixtures and helpers: one loopback Ray cluster for the whole run, an isolated cache directory (tests never
+touch the user's checkpoints or ladders), tiny indexed corpora, one way to run the CLI and one way to start and stop a
+server.
+
+The run's Ray cluster: started once when any selected test is marked `ray`, and named by RAY_ADDRESS for the rest of
+the run, so every index job, `bicascade serve` and in-process app joins it instead of starting one of its own (each
+start cost 5-10 s here). A test that kills or reconfigures Ray itself starts its own: it passes RAY_ADDRESS="" (or
+a cluster of its own) to what it runs, and must never stop this one."""
 import contextlib
 import json
 import os
@@ -8,11 +14,57 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-import torch
 
 from bicascade.pipelines.ingest.cluster import free_port
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+# token auth off (on by default for `ray start`); keep 127.0.0.1 as the node IP (see bicascade.pipelines.ingest.cluster)
+RAY_LOCAL = {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+SHARED: dict[str, str] = {}  # {"address": ...} while the run's cluster is up
+
+
+def start_cluster(num_cpus: int | None = None) -> str:
+    """`ray start --head` on 127.0.0.1 only (no dashboard); its GCS address."""
+    address = f"127.0.0.1:{free_port()}"
+    cpus = num_cpus if num_cpus is not None else os.cpu_count()
+    subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", f"--num-cpus={cpus}",
+                    "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+                    f"--dashboard-agent-listen-port={free_port()}", "--node-ip-address=127.0.0.1",
+                    "--disable-usage-stats"], check=True, env={**os.environ, **RAY_LOCAL}, timeout=180,
+                   capture_output=True)
+    return address
+
+
+def stop_cluster(address: str) -> None:
+    """Kill every process of the cluster at `address` (its GCS, raylets, workers), and no other cluster's: `ray stop`
+    would stop every cluster on the machine, the run's shared one too."""
+    import psutil
+
+    port = address.rsplit(":", 1)[1]
+    marks = (address, f"--gcs_server_port={port}", f"--gcs-address={address}")
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(m in cmd for m in marks) and p.pid != os.getpid():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for q in [*p.children(recursive=True), p]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        q.kill()
+
+
+def pytest_collection_finish(session):
+    if any("ray" in item.keywords for item in session.items) and not os.environ.get("RAY_ADDRESS"):
+        t0 = time.monotonic()
+        SHARED["address"] = os.environ["RAY_ADDRESS"] = start_cluster()
+        os.environ.update({k: v for k, v in RAY_LOCAL.items() if k != "RAY_ADDRESS"})
+        print(f"\nthe run's Ray cluster: {SHARED['address']} (up in {time.monotonic() - t0:.1f} s)")
+
+
+def pytest_sessionfinish(session):
+    if "address" in SHARED:
+        stop_cluster(SHARED.pop("address"))
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +75,10 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
+    if not any("gpu" in item.keywords for item in items):
+        return
+    import torch  # only here: a run of the fast unit tests (and every mutant's) starts without it
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -94,9 +150,10 @@ def verified(db: str):
 
 
 def cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`bicascade ARGS` as a user runs it: a subprocess with its own local Ray cluster when it needs one."""
+    """`bicascade ARGS` as a user runs it, in a subprocess: on the run's Ray cluster when it needs one (env
+    RAY_ADDRESS="" gives it a local cluster of its own)."""
     r = subprocess.run([sys.executable, "-m", "bicascade.cli", *args], capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "RAY_ADDRESS": "", **(env or {})})
+                       env={**os.environ, **(env or {})})
     if check:
         assert r.returncode == 0, f"bicascade {' '.join(args)} exited {r.returncode}:\n{r.stderr[-4000:]}"
     return r
@@ -144,21 +201,32 @@ class Served:
 
 @contextlib.contextmanager
 def serving(db: str, *args: str, env: dict | None = None, wait: bool = True):
-    """`bicascade serve --db DB ARGS` on a free loopback port in its own process group (its own Ray cluster), healthy
-    on entry; stopped with SIGTERM on exit, and SIGKILLed with its whole group if it does not stop."""
+    """`bicascade serve --db DB ARGS` on a free loopback port in its own process group, on the run's Ray cluster
+    (env RAY_ADDRESS="": a local cluster of its own), healthy on entry; stopped with SIGTERM on exit, and SIGKILLed
+    with its whole group if it does not stop."""
     port = free_port()
+    env = {**os.environ, **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "serve", "--db", db, "--port", str(port), *args],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "RAY_ADDRESS": "", **(env or {})})
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     served = Served(proc, f"http://127.0.0.1:{port}")
     try:
         if wait:
             wait_healthy(served.url, proc)
         yield served
     finally:
-        served.stop()
+        clean = served.stop() == 0
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # nothing of its Ray cluster outlives the test
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of a cluster of its own outlives the test
+        if not clean and env.get("RAY_ADDRESS") and env["RAY_ADDRESS"] == SHARED.get("address"):
+            reset_shared()
+
+
+def reset_shared() -> None:
+    """Take Serve and the apps' detached actors off the run's cluster after a server that did not stop cleanly, so
+    that the next test's `serve.start` gets its own port and no stale writer."""
+    code = ("import ray; from ray import serve; from bicascade.serve import server; ray.init(namespace='bicascade'); "
+            "serve.shutdown(); server.release(); ray.shutdown()")
+    subprocess.run([sys.executable, "-c", code], env=os.environ, timeout=120, capture_output=True)
 
 
 def listening(pids=None, marker: str | None = None) -> list[tuple[str, int, str]]:
@@ -185,6 +253,12 @@ def listening(pids=None, marker: str | None = None) -> list[tuple[str, int, str]
 
 
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def ray_logs() -> str:
+    """Every Ray log on this machine (every cluster's: the run's shared one and those tests start themselves)."""
+    return "".join(p.read_text(errors="replace") for p in Path("/tmp/ray").glob("session_2*/logs/**/*")
+                   if p.is_file() and p.stat().st_size < 50 << 20)
 
 
 @pytest.fixture(scope="module")

@@ -16,46 +16,35 @@ import requests
 from bicascade import query
 from bicascade.pipelines.lab import train
 
-from conftest import LOOPBACK, cli_json, free_port, listening, serving, verified
+from conftest import LOOPBACK, cli_json, free_port, listening, serving, start_cluster, stop_cluster, verified
+from conftest import RAY_LOCAL as LOCAL
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 LADDER = "synthetic-tiny"
 QUERIES = ["a red circle", "two blue squares in a row"]
-RAY = str(Path(sys.executable).with_name("ray"))
 PLACEMENT = f"""
-import json, ray
+import json, sys, ray
 from ray import serve
 from bicascade import query
+from bicascade.actors.router import writer_name
 ray.init(namespace="bicascade")
 print(json.dumps({{
     "workers": [n["NodeID"] for n in ray.nodes() if n["Alive"] and "worker_node" in n["Resources"]],
     "encoders": [serve.get_deployment_handle(f"Encoder{{j}}", "bicascade").info.remote().result()["node"]
                  for j in range(3)],
-    "writers": [ray.get(ray.get_actor(f"bicascade-cache-{{i.fingerprint}}").node.remote())
+    "writers": [ray.get(ray.get_actor(writer_name(sys.argv[1], i.fingerprint)).node.remote())
                 for i in query.registered({LADDER!r}).levels[1:]]}}))
 """
 # `ray start --address` with a loopback node IP: Ray 2.60 rewrites 127.0.0.1 to the interface address unless its
 # cluster mode is off, and refuses to join a cluster when it is; keep the address as given instead
 RAY_START = ("import sys, ray._private.services as s; s.resolve_ip_for_localhost = lambda h: h; "
              "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()")
-LOCAL = {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 COMMON = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tiny_session, monkeypatch):  # the run's tiny ladder, trained once
     monkeypatch.setenv("BICASCADE_CACHE", tiny_session[0])
-
-
-def start_head() -> str:
-    """A head with no CPUs (drivers, Serve controller, cache writers) on 127.0.0.1 only, token auth off (it is on by
-    default for `ray start`): this cluster listens on loopback only. Returns its address."""
-    address = f"127.0.0.1:{free_port()}"
-    subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=0",
-                    "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
-                    f"--dashboard-agent-listen-port={free_port()}", *COMMON], check=True, env={**os.environ, **LOCAL},
-                   timeout=180, capture_output=True)
-    return address
 
 
 def join(address: str, block: bool = False) -> subprocess.Popen | None:
@@ -71,18 +60,15 @@ def join(address: str, block: bool = False) -> subprocess.Popen | None:
     return None
 
 
-def stop_all() -> None:
-    subprocess.run([RAY, "stop", "--force"], env={**os.environ, **LOCAL}, timeout=180, capture_output=True)
-
-
 @pytest.fixture
 def cluster():
+    """A cluster of its own: a head with no CPUs (drivers, Serve controller, cache writers) and one worker node."""
+    address = start_cluster(num_cpus=0)
     try:
-        address = start_head()
         join(address)
         yield address
     finally:
-        stop_all()
+        stop_cluster(address)
 
 
 def test_index_and_serve_on_two_nodes(cluster, tmp_path):
@@ -95,12 +81,12 @@ def test_index_and_serve_on_two_nodes(cluster, tmp_path):
     want = {q: [r["id"] for r in search.search(q, k=10)["results"]] for q in QUERIES}
     search.close()
 
-    with serving(db, env=env) as server:
+    with serving(db, "--group-gflops", "0", env=env) as server:  # a deployment per level, each on a worker
         for q in QUERIES:
             got = requests.post(f"{server.url}/search", json={"query": q, "k": 10}, timeout=120).json()
             assert [r["id"] for r in got["results"]] == want[q]
-        placement = subprocess.run([sys.executable, "-c", PLACEMENT], env={**os.environ, **env}, capture_output=True,
-                                   text=True, timeout=120)  # its own driver: this process stays free of the cluster
+        placement = subprocess.run([sys.executable, "-c", PLACEMENT, db], env={**os.environ, **env},
+                                   capture_output=True, text=True, timeout=120)  # its own driver, not this process
         assert placement.returncode == 0, placement.stderr
         where = json.loads(placement.stdout)
         assert set(where["encoders"]) <= set(where["workers"]) and set(where["writers"]).isdisjoint(where["workers"])
@@ -135,8 +121,8 @@ def test_an_index_job_survives_the_loss_of_its_worker_node(tmp_path):
     n = 3000  # seconds of work on this machine: most of it is left when the node dies
     root = world.make_world(tmp_path / "world", replace(world.tiny(), seed=2, train=5, val=5, test=n))
     db = str(tmp_path / "db")
+    address = start_cluster(num_cpus=0)
     try:
-        address = start_head()
         node = join(address, block=True)
         t0 = time.monotonic()
         with (tmp_path / "job.log").open("w") as log:  # a file, not a pipe: a full pipe would stall the job
@@ -160,4 +146,4 @@ def test_an_index_job_survives_the_loss_of_its_worker_node(tmp_path):
         print(json.dumps({"images": n, "written_before_kill": partial, "rows": report.tables[1].rows,
                           "duplicate_ids": 0, "finished_s_after_kill": round(time.monotonic() - killed, 1)}))
     finally:
-        stop_all()
+        stop_cluster(address)

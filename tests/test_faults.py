@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ import requests
 
 from bicascade.storage import cache, tables, verify
 
-from conftest import cli, cli_json, serving, verified
+from conftest import cli, cli_json, ray_logs, serving, verified
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 LADDER = "synthetic-tiny"
@@ -202,8 +201,7 @@ def test_a_database_turned_read_only_keeps_answering(tiny_db, tmp_path):
             assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200
             server.stop()
             print(json.dumps({"requests_after_ro": len(statuses), "non_200": 0, "server_exit": server.proc.returncode}))
-        logs = "".join(p.read_text(errors="replace") for p in Path("/tmp/ray/session_latest/logs").rglob("*")
-                       if p.is_file() and p.stat().st_size < 50 << 20)
+        logs = ray_logs()
         assert "cache write to emb_" in logs and "failed" in logs
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(mnt)], capture_output=True)

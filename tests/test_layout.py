@@ -1,4 +1,4 @@
-"""The package map holds: imports flow one way (DESIGN.md §2), the query core needs no Ray, one image path."""
+"""The package map holds: imports flow one way (docs/ARCHITECTURE.md), the query core needs no Ray, one image path."""
 import ast
 import subprocess
 import sys

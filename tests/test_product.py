@@ -170,6 +170,8 @@ def test_metrics_count_every_replica(url):
     # the two router replicas both served: their counts were summed, not one replica's shown
     stats = requests.get(f"{url}/stats", timeout=30).json()
     assert stats["replicas"]["Api"] == 2
+    # the tiny ladder's three levels (well under a GFLOP each) share one Encoder deployment: one process to start
+    assert stats["replicas"] == {"Api": 2, "Encoder0": 1}
 
 
 def clip_client_module(tmp_path):

@@ -7,6 +7,7 @@ import requests
 from ray import serve
 
 from bicascade import models, query
+from bicascade.actors.router import writer_name
 from bicascade.serve.app import MAX_BODY_BYTES, MAX_UPLOAD_B64, AppConfig
 from bicascade.storage import tables
 
@@ -35,7 +36,7 @@ def local_results(corpus):
 
 @pytest.fixture(scope="module")
 def url(corpus, local_results, in_process_server):
-    return in_process_server(AppConfig(db=corpus))
+    return in_process_server(AppConfig(db=corpus, group_gflops=0))  # a deployment per level, as real levels get
 
 
 def post(url, body, **kw):
@@ -181,7 +182,7 @@ def test_killed_replicas_lose_nothing_acknowledged_and_the_app_recovers(url, cor
     stored = db.ids(tables.emb_table(top.fingerprint))
 
     # the cache writer dies: Ray restarts it, flushed rows stay, and new embeddings still reach the table
-    ray.kill(ray.get_actor(f"bicascade-cache-{top.fingerprint}", namespace="bicascade"), no_restart=False)
+    ray.kill(ray.get_actor(writer_name(corpus, top.fingerprint), namespace="bicascade"), no_restart=False)
     cold = [post(url, {"query": q, "k": 10}) for q in ("four yellow crosses", "a large striped ring at the top")]
     assert all(r.status_code == 200 for r in cold)
     fresh = sum(r.json()["stats"]["levels"][-1]["encoded"] for r in cold)

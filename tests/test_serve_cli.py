@@ -1,4 +1,4 @@
-"""`bicascade serve` and `bicascade search` as a user runs them: subprocesses with their own Ray cluster."""
+"""`bicascade serve` and `bicascade search` as a user runs them, in subprocesses."""
 import concurrent.futures as cf
 
 import psutil
@@ -39,8 +39,10 @@ def test_serve_stops_cleanly_keeps_its_cache_across_a_restart_and_sheds_overload
     body = {"query": "two small orange diamonds in a row", "k": 5}
     runs = []
     # the restart also shows the in-flight bound, and direct ingress: the Api replica itself on the port, no proxy
-    for flags, process in (((), "ProxyActor"), (("--max-inflight", "2", "--direct"), "ServeReplica:bicascade:Api")):
-        with serving(tiny_db, *flags) as server:  # no --ladder: the database's own
+    # (on a local cluster of its own, which direct ingress needs)
+    direct = ("--max-inflight", "2", "--direct")
+    for flags, process, env in (((), "ProxyActor", {}), (direct, "ServeReplica:bicascade:Api", {"RAY_ADDRESS": ""})):
+        with serving(tiny_db, *flags, env=env) as server:  # no --ladder: the database's own
             assert process in listener(server.url)
             runs.append(requests.post(f"{server.url}/search", json=body, timeout=120).json()["stats"]["levels"])
             if flags:

@@ -35,7 +35,9 @@ def connect(runtime_env: dict | None = None, dashboard: bool = False, **kwargs: 
     warnings.filterwarnings("ignore", message="lance is not fork-safe")
     env = dict(runtime_env or {})
     opts: dict[str, Any] = {"include_dashboard": dashboard, "log_to_driver": False, "namespace": "bicascade"}
-    if not os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS"):  # its workers were started with the cluster's environment, not this one's
+        env["env_vars"] = {**forwarded(), **env.get("env_vars", {})}
+    else:
         local_only()
         env.setdefault("worker_process_setup_hook", SETUP_HOOK)
         # "local": always a cluster of our own, never one a stray `ray start` left running on this machine
@@ -43,6 +45,15 @@ def connect(runtime_env: dict | None = None, dashboard: bool = False, **kwargs: 
         if dashboard:
             opts["dashboard_host"] = LOOPBACK
     ray.init(runtime_env=env, **(opts | kwargs))
+
+
+FORWARDED = ("AWS_", "BICASCADE_", "GOOGLE_", "AZURE_")  # storage credentials and endpoints, the project's settings
+
+
+def forwarded() -> dict[str, str]:
+    """The variables a job's workers need from the process that submits it: where and how to reach the database
+    (object-store credentials and endpoints) and bicascade's own settings."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
 
 
 def local_only() -> None:

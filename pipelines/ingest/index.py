@@ -266,10 +266,15 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
             ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec, "threads": max(1, int(cpus) // gpus)},
                                 compute=ray.data.ActorPoolStrategy(size=gpus), batch_size=config.batch_size,
                                 num_gpus=1, num_cpus=1)
-        else:  # one decode-and-encode actor per core, one thread each; a quarter core each left for readers
+        else:  # one decode-and-encode actor per free core, one thread each; a quarter core each left for readers
+            # (free, not total: a served database's replicas may hold part of the cluster, and an actor the pool
+            # waits for that never fits would stall the job)
+            free = ray.available_resources().get("CPU", cpus)
+            share = min(0.75, max(free, 0.1))
+            actors = max(1, min(int(cpus), int(free / share)))
             ds = ds.map_batches(DecodeEncoder, fn_constructor_kwargs={"spec": spec, "threads": 1, "decode": decode},
-                                compute=ray.data.ActorPoolStrategy(size=max(1, int(cpus))),
-                                batch_size=config.batch_size, num_cpus=0.75)
+                                compute=ray.data.ActorPoolStrategy(size=actors),
+                                batch_size=config.batch_size, num_cpus=share)
         for batch in ds.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
             startup = startup if startup is not None else time.perf_counter() - t0
             writer.add(batch)

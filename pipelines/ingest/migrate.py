@@ -94,11 +94,13 @@ def reembed(db: tables.Database, spec: models.ModelSpec, ids: list[str], write, 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = gpus or max(1, int(cpus // 4))
     ds = ray.data.from_items([{"id": i} for i in ids], override_num_blocks=max(1, len(ids) // (4 * batch_size)))
-    ds = ds.map_batches(decode_stored, batch_size=batch_size, num_cpus=0.5,
+    # small CPU reservations: a migration usually runs beside the server of the same database on the same cluster,
+    # whose replicas hold a quarter CPU each (on 2 CPUs a whole-CPU encoder waited for them forever)
+    ds = ds.map_batches(decode_stored, batch_size=batch_size, num_cpus=0.25,
                         fn_kwargs={"db_uri": db.uri, "preprocess_cfg": pp_cfg})
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec, "threads": max(1, int(cpus) // actors)},
                         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size,
-                        num_gpus=1 if gpus else 0, num_cpus=1)
+                        num_gpus=1 if gpus else 0, num_cpus=0.5)
     done = 0
     with tqdm(total=len(ids), desc=f"embed {spec.name}", unit="img", mininterval=1) as bar:
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
