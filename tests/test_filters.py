@@ -1,5 +1,6 @@
 """Filters on the `images` table, without a server: what each `where` field admits and refuses, and which rows it
 keeps (the served path, through HTTP, is in test_product)."""
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -78,6 +79,16 @@ def test_bad_filters_name_the_field(where, message):
     with pytest.raises(BadInputError) as e:
         Filter.parse(where)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_the_documented_bounds_are_the_enforced_ones():
+    assert (MAX_TEXT, MAX_FIELDS) == (500, 16)  # what serve/app.py's schema (the `Where` model) publishes
+
+
+def test_a_parsed_filter_cannot_change_under_the_router_that_caches_its_matches():
+    f = Filter.parse({"caption": "cat"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        f.caption = "dog"
 
 
 def test_the_bounds_themselves_are_accepted():

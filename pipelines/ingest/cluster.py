@@ -37,6 +37,8 @@ def connect(runtime_env: dict | None = None, dashboard: bool = False, **kwargs: 
     opts: dict[str, Any] = {"include_dashboard": dashboard, "log_to_driver": False, "namespace": "bicascade"}
     if os.environ.get("RAY_ADDRESS"):  # its workers were started with the cluster's environment, not this one's
         env["env_vars"] = {**forwarded(), **env.get("env_vars", {})}
+        if os.environ["RAY_ADDRESS"].rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+            local_only()  # a loopback cluster: dialled as 127.0.0.1, not this machine's interface address
     else:
         local_only()
         env.setdefault("worker_process_setup_hook", SETUP_HOOK)
