@@ -7,8 +7,12 @@ listens beyond 127.0.0.1. Joining an existing cluster changes nothing.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import socket
+import sys
 import warnings
 from typing import Any
 
@@ -66,12 +70,41 @@ def local_only() -> None:
     constants.ENABLE_RAY_CLUSTER = False
 
 
+REPLICA = "ray.serve._private.replica"
+
+
 def loopback_grpc() -> None:
     """worker_process_setup_hook: bind Serve's replica gRPC servers to the node IP instead of [::] (clients dial
-    node_ip:port already, so nothing else changes; on a real cluster the node IP is the node's own address)."""
+    node_ip:port already, so nothing else changes; on a real cluster the node IP is the node's own address).
+
+    It runs in every worker of the job, and importing Serve's replica module costs a second of CPU: a worker that is
+    no Serve replica (a cache writer, an index job's encoder) never imports it, so the patch waits for the import."""
+    if REPLICA in sys.modules:
+        _bind_replica_grpc_to_node_ip(sys.modules[REPLICA])
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Patches Serve's replica module right after whoever needs it imports it (Serve, in a replica process)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name != REPLICA:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module  # a loader of this module alone: wrapping it touches no other import
+
+        def exec_then_patch(module: Any) -> None:
+            run(module)
+            _bind_replica_grpc_to_node_ip(module)
+        spec.loader.exec_module = exec_then_patch
+        return spec
+
+
+def _bind_replica_grpc_to_node_ip(replica: Any) -> None:
     import ray
     import ray.serve._private.default_impl as default_impl
-    import ray.serve._private.replica as replica
 
     def node_address(address: str) -> str:
         if address.startswith("[::]:"):
