@@ -147,10 +147,15 @@ class Database:
         while True:  # list_tables is paginated
             page = self.db.list_tables(page_token=token)
             if name in page.tables:
-                return True
+                break
             token = page.page_token
             if not token:
                 return False
+        try:  # listed while another process creates it (a cache writer's first flush): no table until it commits
+            self.table(name)
+        except (ValueError, FileNotFoundError):
+            return False
+        return True
 
     def names(self) -> list[str]:
         out, token = [], None
