@@ -90,9 +90,7 @@ def build(config: AppConfig) -> serve.Application:
     """The app graph: an Encoder deployment per level (the cheap ones share one) and the HTTP ingress (with its
     Router) over their handles."""
     opts = deployment_options()
-    for name, n in config.replicas.items():
-        if name not in opts and not name.startswith("Encoder"):
-            raise BadInputError(f"replicas: no deployment {name!r} (Api, Encoder0, Encoder1, ...)")
+    for name, n in config.replicas.items():  # names are checked against the deployments once levels are grouped
         fixed = opts.setdefault(name, copy.deepcopy(opts[max(k for k in opts if k.startswith("Encoder"))]))
         fixed.pop("autoscaling_config", None)
         fixed["num_replicas"] = int(n)

@@ -39,12 +39,12 @@ def connect(runtime_env: dict | None = None, dashboard: bool = False, **kwargs: 
     warnings.filterwarnings("ignore", message="lance is not fork-safe")
     env = dict(runtime_env or {})
     opts: dict[str, Any] = {"include_dashboard": dashboard, "log_to_driver": False, "namespace": "bicascade"}
-    if os.environ.get("RAY_ADDRESS"):  # its workers were started with the cluster's environment, not this one's
+    address = os.environ.get("RAY_ADDRESS")
+    if not address or address.rsplit(":", 1)[0] in (LOOPBACK, "localhost"):
+        local_only()  # our own cluster, or a loopback one joined by address: 127.0.0.1, not the interface address
+    if address:  # its workers were started with the cluster's environment, not this one's
         env["env_vars"] = {**forwarded(), **env.get("env_vars", {})}
-        if os.environ["RAY_ADDRESS"].rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
-            local_only()  # a loopback cluster: dialled as 127.0.0.1, not this machine's interface address
     else:
-        local_only()
         env.setdefault("worker_process_setup_hook", SETUP_HOOK)
         # "local": always a cluster of our own, never one a stray `ray start` left running on this machine
         opts |= {"address": "local", "num_cpus": os.cpu_count(), "_node_ip_address": LOOPBACK}
