@@ -6,7 +6,9 @@ from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
+from bicascade.errors import NotIndexedError
 from bicascade.storage import cache, tables
 
 
@@ -55,9 +57,10 @@ def stored(tmp_path, n: int) -> tuple[tables.Database, cache.LevelCache, list[st
     return db, store, ids
 
 
-def test_hit_counts_land_per_id_in_one_commit_and_a_warm_stream_does_not_fragment_the_table(tmp_path):
+def test_hit_counts_land_per_id_in_one_commit_and_a_warm_stream_does_not_fragment_the_table(tmp_path, monkeypatch):
     """A warm stream writes only hit counts: one commit per batch of them, whatever the counts, and compaction on
     commits of any kind, not only on new rows."""
+    monkeypatch.setattr(cache, "COMPACT_EVERY", 5)  # the cadence, not its value, is under test (and fast)
     db, store, ids = stored(tmp_path, 30)
     for _ in range(3 * cache.COMPACT_EVERY):
         for n, i in enumerate(ids):
@@ -76,6 +79,7 @@ def test_compaction_drops_old_versions_so_a_long_stream_does_not_pile_them_up(tm
     """Every hit-count commit is a version on disk; compaction removes those older than KEEP_VERSIONS (here: all but
     the latest), and the data survives it."""
     monkeypatch.setattr(tables, "KEEP_VERSIONS", timedelta(0))
+    monkeypatch.setattr(cache, "COMPACT_EVERY", 5)
     db, store, ids = stored(tmp_path, 10)
     for _ in range(2 * cache.COMPACT_EVERY):
         store.hit(dict.fromkeys(ids, 1))
@@ -145,3 +149,208 @@ def test_the_corpus_in_memory_and_in_the_table_agree_and_follow_new_rows(tmp_pat
     assert memory.search(new[0], 1)[0] != ["f" * 32]  # the snapshot until refreshed
     assert memory.refresh() and memory.rows == 201 and memory.search(new[0], 1)[0] == ["f" * 32]
     assert not memory.refresh()  # nothing new since
+
+
+def test_replacing_a_vector_counts_its_bytes_once():
+    front = cache.LruVectors(max_bytes=3 * 32)
+    front.put({"a": vec(0), "b": vec(1)})
+    front.put({"a": vec(2)})  # same id, same size: nothing grows, nothing is dropped
+    assert front.bytes == 64 and list(front.items) == ["b", "a"] and np.array_equal(front.items["a"], vec(2))
+    front.put({"c": vec(3), "d": vec(4)})  # four vectors over a bound of three: the least recently used goes
+    assert front.bytes == 96 and list(front.items) == ["a", "c", "d"]
+    assert cache.LruVectors().max_bytes == 64 << 20 and cache.LruVectors().bytes == 0
+
+
+def test_a_batch_is_written_at_flush_rows_or_when_its_oldest_row_is_flush_s_old(tmp_path):
+    db = tables.Database(str(tmp_path))
+    store = cache.LevelCache(db, "fp", 8, flush_rows=3, flush_s=3600)
+    assert (store.commits, store.lifetime_commits, store.pending) == (0, 0, {})
+    store.put(["a", "b"], np.stack([vec(0), vec(1)]))
+    assert len(store.pending) == 2 and not db.has(store.name)  # one short of flush_rows, and young
+    store.put(["c"], np.stack([vec(2)]))
+    assert store.pending == {} and store.rows() == 3 and store.commits == 1 == store.lifetime_commits
+    aged = cache.LevelCache(db, "fp2", 8, flush_rows=1000, flush_s=0.2)
+    aged.put(["a"], np.stack([vec(0)]))
+    assert len(aged.pending) == 1
+    time.sleep(0.25)
+    aged.maybe_flush()
+    assert aged.pending == {} and aged.rows() == 1
+    aged.maybe_flush()  # nothing pending: no empty commit however old the last flush
+    assert aged.lifetime_commits == 1
+    default = cache.LevelCache(db, "fp3", 8)
+    assert (default.flush_rows, default.flush_s, default.memory.max_bytes) == (256, 5.0, cache.DEFAULT_FRONT_BYTES)
+
+
+def test_compaction_runs_every_compact_every_commits_of_any_kind(tmp_path, monkeypatch):
+    assert cache.COMPACT_EVERY == 20
+    monkeypatch.setattr(cache, "COMPACT_EVERY", 4)
+    db, store, ids = stored(tmp_path, 4)  # one commit so far
+    compactions = []
+    monkeypatch.setattr(db, "finish", lambda names: compactions.append(list(names)))
+    for n in range(2, 2 * cache.COMPACT_EVERY + 2):
+        store.hit({ids[0]: 1})
+        assert store.apply_hits() == 1
+        assert store.lifetime_commits == n and store.commits == n % cache.COMPACT_EVERY
+        assert len(compactions) == n // cache.COMPACT_EVERY
+    assert compactions == [[store.name]] * 2
+
+
+def test_reads_count_one_hit_per_found_id_and_nothing_for_a_miss(tmp_path):
+    db, store, ids = stored(tmp_path, 4)
+    sunk = []
+    reader = cache.LevelCache(db, "fp", 8, hit_sink=sunk.append)  # a second process: nothing in its front
+    got = reader.get(["i0", "i1", "nope"])
+    assert set(got) == {"i0", "i1"} and np.array_equal(got["i1"], vec(1)) and sunk == [{"i0": 1, "i1": 1}]
+    assert set(reader.memory.items) == {"i0", "i1"}  # read through into the front
+    reader.get(["nope"])
+    assert len(sunk) == 1
+    assert set(reader.remembered_or_stored(["i2", "i0", "nope"])) == {"i0", "i2"} and len(sunk) == 1
+    assert "i2" not in reader.memory.items  # a look that is not a query's remembers nothing
+    store.hit({"i0": 2})
+    store.hit({"i0": 3, "i3": 1})
+    assert store.hits["i0"][0] == 5 and store.apply_hits() == 2
+    got = db.take(store.name, ["i0", "i3", "i1"], ["id", "hits"]).to_pydict()
+    assert dict(zip(got["id"], got["hits"])) == {"i0": 5, "i3": 1, "i1": 0}
+    assert store.apply_hits() == 0  # nothing counted since
+
+
+def test_a_cache_table_from_before_hit_counts_gets_its_columns_and_counts_from_zero(tmp_path):
+    db = tables.Database(str(tmp_path))
+    schema = tables.emb_schema(8)
+    db.table(tables.emb_table("old"), schema).add(pa.Table.from_arrays(
+        [pa.array(["a", "b"]), pa.FixedSizeListArray.from_arrays(pa.array(np.stack([vec(0), vec(1)]).ravel()), 8)],
+        schema=schema))
+    store = cache.LevelCache(db, "old", 8)
+    assert store.recent(3600) == 0  # no last_hit column yet
+    store.hit({"a": 2})
+    assert store.apply_hits() == 1
+    got = db.take(store.name, ["a", "b"], ["id", "hits"]).to_pydict()
+    assert dict(zip(got["id"], got["hits"])) == {"a": 2, "b": None} and store.recent(3600) == 1
+
+
+def test_hits_before_the_table_exists_are_dropped_and_a_sink_store_writes_nothing(tmp_path):
+    db = tables.Database(str(tmp_path))
+    sunk = []
+    store = cache.LevelCache(db, "fp", 8, sink=lambda ids, v: sunk.append((ids, v.shape)))
+    store.hit({"a": 1})
+    assert store.apply_hits() == 0 and store.hits == {}
+    store.put(["a", "b"], np.stack([vec(0), vec(1)]))
+    assert sunk == [(["a", "b"], (2, 8))] and store.pending == {} and set(store.remembered(["a", "b"])) == {"a", "b"}
+    assert not db.has(store.name)
+
+
+def test_eviction_past_max_rows_drops_the_least_recently_hit_down_to_ninety_percent(tmp_path):
+    db, writer, ids = stored(tmp_path, 2100)
+    hot = ids[-150:]  # hit after the insert: the most recently used, they stay
+    writer.hit(dict.fromkeys(hot, 1))
+    writer.apply_hits()
+    store = cache.LevelCache(db, "fp", 8, max_rows=2000)
+    store.remember({"i0": vec(0)})
+    assert writer.evict() == 0 and store.lifetime_commits == 0  # no bound
+    assert store.evict() == 2100 - 1800 and store.rows() == 1800
+    assert store.lifetime_commits == 1 and len(store.memory) == 0  # one batch of deletes; the front forgets
+    left = set(db.column(store.name, "id"))
+    assert set(hot) <= left and len(left) == 1800 and "i0" not in left
+    assert store.evict() == 0 and store.rows() == 1800  # at or under the bound: nothing more
+    store.max_rows = 1800
+    assert store.evict() == 0
+    assert cache.LevelCache(db, "nothing", 8, max_rows=1).evict() == 0
+
+
+def test_eviction_deletes_in_batches_of_a_thousand_and_a_flush_evicts(tmp_path):
+    db = tables.Database(str(tmp_path))
+    store = cache.LevelCache(db, "fp", 8, flush_rows=10_000, flush_s=3600, max_rows=1000)
+    store.put([f"i{k}" for k in range(3001)], np.zeros((3001, 8), np.float32))
+    assert store.flush() == 3001 and store.lifetime_commits == 1 + 3 and store.rows() == 900
+
+
+def test_recent_counts_rows_hit_or_added_within_the_window(tmp_path):
+    db, store, ids = stored(tmp_path, 6)
+    assert store.recent(3600) == 6  # just added
+    old = time.time() - 7200
+    store.db.table(store.name).merge_insert("id").when_matched_update_all().execute(
+        pa.table({"id": pa.array(ids[:4]), "last_hit": pa.array([old] * 4, pa.float64())}))
+    assert store.recent(3600) == 2 and store.recent(10_000) == 6 and store.recent(0.0) == 0
+    assert cache.LevelCache(db, "other", 8).recent(3600) == 0  # no table
+
+
+def test_inflight_failure_reaches_every_waiter_and_the_next_ask_encodes_again(tmp_path):
+    store = cache.LevelCache(tables.Database(str(tmp_path)), "fp", 8, flush_rows=1000, flush_s=3600)
+    inflight = cache.InFlight(store)
+    started, release = threading.Event(), threading.Event()
+
+    def failing(ids):
+        started.set()
+        release.wait(5)
+        raise RuntimeError("encoder died")
+
+    errors = []
+
+    def first():
+        try:
+            inflight.encode(["a", "b"], failing)
+        except RuntimeError as e:
+            errors.append(str(e))
+    t = threading.Thread(target=first)
+    t.start()
+    started.wait(5)
+
+    def second():  # asks for "b" while the first encodes it: waits for that result, encodes nothing itself
+        try:
+            inflight.encode(["b"], lambda ids: 1 / 0)
+        except RuntimeError as e:
+            errors.append(str(e))
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    time.sleep(0.05)
+    release.set()
+    t.join()
+    waiter.join()
+    assert errors == ["encoder died", "encoder died"] and inflight.pending == {}
+    got = inflight.encode(["a", "b"], lambda ids: np.stack([vec(0), vec(1)]))
+    assert np.array_equal(got, np.stack([vec(0), vec(1)]))
+
+
+def test_the_corpus_out_of_memory_filters_exactly_or_widens_the_ann_until_m_allowed(tmp_path, monkeypatch):
+    d, ids, v = corpus_table(tmp_path, n=300)
+    memory = cache.Corpus(d, "l0")
+    q = v[0]
+    ranked = memory.search(q, 300)[0]
+    allowed = ranked[-40:]  # the 40 worst: the ANN's first 4m never holds them
+    want = memory.search(q, 10, memory.allow(allowed))
+    exact = cache.Corpus(d, "l0", memory_bytes=0)
+    widened = cache.Corpus(d, "l0", memory_bytes=0, exact_max_allowed=39)
+    assert exact.exact_max_allowed == 20_000 and exact.search(q, 10, exact.allow(allowed))[0] == want[0]
+    asked = []
+    real = d.search
+
+    def search(fp, vector, m, params=None):
+        asked.append(m)
+        return real(fp, vector, m, params)
+    monkeypatch.setattr(d, "search", search)
+    got, scores = widened.search(q, 10, widened.allow(allowed))
+    assert got == want[0] and np.allclose(scores, want[1], atol=1e-5) and asked == [40, 160, 640]
+    asked.clear()
+    assert widened.search(q, 10, widened.allow(allowed[:39]))[0] == want[0][:10] and asked == []  # exact: 39 allowed
+    none = exact.search(q, 10, ["not-an-id"])
+    assert none[0] == [] and none[1].shape == (0,)
+    assert np.array_equal(exact.vectors(ids[3:6]), v[3:6]) and np.array_equal(memory.vectors(ids[3:6]), v[3:6])
+
+
+def test_the_corpus_is_in_memory_up_to_its_byte_bound_and_an_old_mask_keeps_meaning_what_it_said(tmp_path):
+    d, ids, v = corpus_table(tmp_path, n=50)
+    assert cache.Corpus(d, "l0", memory_bytes=50 * 8 * 4).in_memory
+    assert not cache.Corpus(d, "l0", memory_bytes=50 * 8 * 4 - 1).in_memory
+    with pytest.raises(NotIndexedError, match="bicascade index"):
+        cache.Corpus(d, "nope")
+    corpus = cache.Corpus(d, "l0")
+    assert corpus.rows == 50 and corpus.version == d.version(corpus.name)
+    mask = corpus.allow(ids[:5] + ["unknown"])
+    assert mask.sum() == 5 and len(mask) == 50
+    new = np.asarray(v[0], np.float32)[None]  # a copy of row 0: it would rank first if the old mask let it
+    schema = tables.emb_schema(8)
+    d.table(tables.emb_table("l0")).add(pa.Table.from_arrays(
+        [pa.array(["f" * 32]), pa.FixedSizeListArray.from_arrays(pa.array(new.ravel()), 8)], schema=schema))
+    assert corpus.refresh() and corpus.rows == 51
+    got = corpus.search(v[0], 5, mask)[0]
+    assert set(got) == set(ids[:5])  # the new row is not in the mask made before it
