@@ -19,9 +19,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bicascade.actors import metrics
-from bicascade.cascade import Cascade, Level, dedup, f_life
+from bicascade.cascade import Cascade, Level, f_life
 from bicascade.errors import NotIndexedError
 from bicascade.levels import LevelInfo
+from bicascade.protocol import SearchRequest, SearchResponse, answer
 from bicascade.storage import cache, filters, tables
 
 log = logging.getLogger("bicascade")
@@ -295,9 +296,7 @@ class Router:
         key = (where.key(), self.db.version(tables.IMAGES), self.corpus.version)
         allowed = self.filtered.get(key)
         if allowed is None:
-            rows = self.db.dataset(tables.IMAGES).to_table(columns=list(filters.Filter.COLUMNS))
-            ids = np.asarray(rows.column("id").to_pylist(), dtype=object)[where.mask(rows)]
-            allowed = self.corpus.allow(list(ids))
+            allowed = self.corpus.allow(filters.matching(self.db, where))
             self.filtered.put(key, allowed)
         return allowed
 
@@ -308,45 +307,27 @@ class Router:
             self.last_refresh = now
             threading.Thread(target=self.corpus.refresh, daemon=True).start()
 
-    async def search(self, req: dict) -> dict:
-        """`req`: exactly one of query / image_id / image (bytes), k, depth, offset, min_score, dedup, where."""
+    async def search(self, req: SearchRequest) -> SearchResponse:
         t0 = time.perf_counter()
         self._maybe_refresh()
-        depth = req.get("depth") or len(self.infos)
-        where = filters.Filter.parse(req.get("where"))
-        if req.get("query") is not None:
-            vectors = await self._text_vectors(req["query"], depth)
+        depth = req.depth_of(len(self.infos))
+        if req.query is not None:
+            vectors = await self._text_vectors(req.query, depth)
         else:
-            vectors = await self._image_vectors(depth, req.get("image_id"), req.get("image"))
+            vectors = await self._image_vectors(depth, req.image_id, req.image)
         t_vectors = time.perf_counter()
-        doc, served = await asyncio.to_thread(self._rank, req, depth, vectors, where)
-        k = req.get("k", 10)
-        if depth == len(self.infos) > 1 and where is None and not req.get("offset") and self.audit.sample():
-            asyncio.get_running_loop().create_task(self._audit(vectors, served, k))
-        self._count(doc, depth, time.perf_counter() - t0)
-        doc["stats"]["timing"] = {"router_ms": _ms(t0), "query_vectors_ms": round((t_vectors - t0) * 1000, 3),
-                                  "cascade_ms": round((time.perf_counter() - t_vectors) * 1000, 3)}
-        return doc
+        out = await asyncio.to_thread(self._rank, req, depth, vectors)
+        if depth == len(self.infos) > 1 and req.where is None and not req.offset and self.audit.sample():
+            asyncio.get_running_loop().create_task(self._audit(vectors, [h.id for h in out], req.k))
+        self._count(out, depth, time.perf_counter() - t0)
+        out.timing = {"router_ms": _ms(t0), "query_vectors_ms": round((t_vectors - t0) * 1000, 3),
+                      "cascade_ms": round((time.perf_counter() - t_vectors) * 1000, 3)}
+        return out
 
-    def _rank(self, req: dict, depth: int, vectors: list[np.ndarray], where: filters.Filter | None
-              ) -> tuple[dict, list[str]]:
-        """The cascade, then dedup, min_score and paging, as the response document (blocking: a worker thread)."""
-        cascade = self.by_depth[depth]
-        offset, k = req.get("offset", 0), req.get("k", 10)
-        # dedup needs spare candidates: rank as many as the last level keeps, then collapse and page
-        cap = cascade.cutoffs[-1] if cascade.cutoffs else offset + k  # what the cascade's last level ranks
-        want = cap if req.get("dedup") is not None else min(offset + k, cap)
-        out = cascade.search("", want, vectors, self._allowed(where))
-        keep = list(range(len(out.results)))
-        if req.get("dedup") is not None and out.results:
-            final = out.vectors if out.vectors is not None else self.corpus.vectors([r.id for r in out.results])
-            keep = dedup(np.asarray(final), req["dedup"])
-        if req.get("min_score") is not None:
-            keep = [n for n in keep if out.results[n].score >= req["min_score"]]
-        out.results = [out.results[n] for n in keep[offset:offset + k]]
-        served = [r.id for r in out.results]
-        doc = out.to_json(self._uris(served), [i.name for i in self.infos], len({i.text for i in self.infos[:depth]}))
-        return doc, served
+    def _rank(self, req: SearchRequest, depth: int, vectors: list[np.ndarray]) -> SearchResponse:
+        """The cascade and the response (blocking: a worker thread)."""
+        return answer(self.by_depth[depth], req, vectors, self._allowed(req.where), [i.name for i in self.infos],
+                      len({i.text for i in self.infos[:depth]}), self._uris, self.corpus.vectors)
 
     async def _audit(self, vectors: list[np.ndarray], served: list[str], k: int) -> None:
         """Rank the query with the top level over audit_factor x m_1 level-0 candidates (the cascade's cutoffs
@@ -384,15 +365,15 @@ class Router:
                 got[i] = u
         return got
 
-    def _count(self, doc: dict, depth: int, seconds: float) -> None:
+    def _count(self, out: SearchResponse, depth: int, seconds: float) -> None:
         self.queries += 1
         self.metrics.observe("bicascade_query_seconds", seconds, depth=str(depth))
-        for j, s in enumerate(doc["stats"]["levels"]):
-            labels = {"level": str(j), "model": s["model"]}
-            self.metrics.inc("bicascade_level_candidates_total", s["candidates"], **labels)
-            self.metrics.inc("bicascade_level_cache_hits_total", s["cache_hits"], **labels)
-            self.metrics.inc("bicascade_level_images_encoded_total", s["encoded"], **labels)
-            self.metrics.inc("bicascade_level_encoder_gflops_total", s["gflops"], **labels)
+        for j, s in enumerate(out.levels):
+            labels = {"level": str(j), "model": s.model}
+            self.metrics.inc("bicascade_level_candidates_total", s.candidates, **labels)
+            self.metrics.inc("bicascade_level_cache_hits_total", s.cache_hits, **labels)
+            self.metrics.inc("bicascade_level_images_encoded_total", s.encoded, **labels)
+            self.metrics.inc("bicascade_level_encoder_gflops_total", s.gflops, **labels)
 
     def image(self, id_: str) -> bytes | None:
         return self.db.image_bytes([id_]).get(id_)

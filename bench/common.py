@@ -61,7 +61,7 @@ def load(url: str, queries: list[str], clients: int, seconds: float, depth: int 
         c, lat, bad, n = Client(url), [], 0, i
         while time.monotonic() < end:
             try:
-                lat.append(c.search({"query": queries[n % len(queries)], "k": 10, "levels": depth})[0])
+                lat.append(c.search({"query": queries[n % len(queries)], "k": 10, "depth": depth})[0])
             except requests.RequestException:
                 bad += 1
             n += 1

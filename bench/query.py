@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from common import Client, each_ingress, emit, load, pct
 
+import bicascade
 from bicascade import query
 from bicascade.cascade import Cascade, DictCache, f_latency
 from bicascade.pipelines.lab import world
@@ -24,19 +25,19 @@ from bicascade.storage import tables
 
 
 def in_process(db: str, queries: list[str], rounds: int) -> dict:
-    """The same queries through query.LocalSearch in one thread: three text encodes per query included."""
-    search = query.LocalSearch(db)
+    """The same queries through the Python API in one thread: three text encodes per query included."""
+    photos = bicascade.open(db)
     for q in queries:  # warm the caches
-        search.search(q, k=10)
+        photos.search(q, k=10)
     lat = []
     t0 = time.perf_counter()
     for _ in range(rounds):
         for q in queries:
             s = time.perf_counter()
-            search.search(q, k=10)
+            photos.search(q, k=10)
             lat.append((time.perf_counter() - s) * 1000)
     wall = time.perf_counter() - t0
-    search.close()
+    photos.close()
     return {"searches_per_s": round(len(lat) / wall, 1), **pct(lat)}
 
 
@@ -47,7 +48,7 @@ def breakdown(url: str, queries: list[str], rounds: int, depth: int | None = Non
     rows = []
     for _ in range(rounds):
         for q in queries:
-            total, doc, ingress = c.search({"query": q, "k": 10, "levels": depth})
+            total, doc, ingress = c.search({"query": q, "k": 10, "depth": depth})
             t = doc["stats"]["timing"]
             rows.append({"client_total": total, "proxy_and_http": total - ingress, "ingress": ingress - t["router_ms"],
                          "router_query_vectors": t["query_vectors_ms"], "router_cascade": t["cascade_ms"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -136,16 +136,6 @@ class SearchOutput:
     def gflops(self) -> float:
         return sum(s.gflops for s in self.levels)
 
-    def to_json(self, uris: dict[str, str], names: Sequence[str], text_encodes: int) -> dict:
-        """The HTTP API's response document (README, Serving), with per-result provenance and the query's text
-        embeddings computed (one per distinct text tower)."""
-        return {"results": [{"id": r.id, "score": r.score, "uri": uris.get(r.id),
-                             "levels": [{"model": names[j], "score": s, "cached": j > 0 and r.cached[j - 1]}
-                                        for j, s in enumerate(r.scores)]} for r in self.results],
-                "stats": {"levels": [{k: v for k, v in asdict(s).items() if k != "gflops"} | {"gflops": s.gflops}
-                                     for s in self.levels], "ms": self.ms, "gflops": self.gflops,
-                          "text_encodes": text_encodes}}
-
 
 def rank(ids: Sequence[str], scores: np.ndarray) -> tuple[list[str], np.ndarray]:
     """Sort by descending score; ties (equal to 1e-6, below float32 matmul noise) broken by id."""
@@ -232,7 +222,7 @@ class Cascade:
             if self.margin is not None and len(ids) > k:
                 m = min(m, max(k, int(np.sum(np.asarray(scores) >= scores[k - 1] - self.margin))))
             ids = ids[:m]
-            embedded, hits = self._embeddings(level, ids)
+            embedded, hits = self.embeddings(level, ids)
             ids, scores, order = rank_with_order(ids, embedded @ q if len(ids) else np.zeros(0))
             embedded = embedded[order] if len(ids) else embedded
             for i, s in zip(ids, scores):
@@ -246,7 +236,7 @@ class Cascade:
                             vectors=None if embedded is None else embedded[:k])
 
     @staticmethod
-    def _embeddings(level: Level, ids: list[str]) -> tuple[np.ndarray, set[str]]:
+    def embeddings(level: Level, ids: list[str]) -> tuple[np.ndarray, set[str]]:
         """Cached vectors of `ids`, encoding all misses in one batched call and writing them back."""
         found = level.cache.get(ids) if level.cache is not None else {}
         misses = [i for i in ids if i not in found]

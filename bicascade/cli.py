@@ -174,34 +174,31 @@ def cmd_index(args: argparse.Namespace) -> None:
     emit(args, index.run_index(args.source, args.db, args.ladder, config))
 
 
+def _where(text: str) -> dict:
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+    if not isinstance(doc, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"uri_prefix\": \"photos/2024/\"}'")
+    return doc
+
+
 def cmd_search(args: argparse.Namespace) -> None:
-    from bicascade import query
+    from bicascade.collection import Collection
 
     if (args.text is None) == (args.image is None):
         raise _bad("give a text query or --image PATH")
-    search = query.LocalSearch(args.db, args.ladder, args.m, device=args.device)
-    try:
-        if args.image:
-            from pathlib import Path
-
-            try:
-                data = Path(args.image).read_bytes()
-            except OSError as e:
-                raise _bad(f"cannot read {args.image}: {e.strerror}") from None
-            doc = search.search_image(data, k=args.k)
-        else:
-            doc = search.search(args.text, k=args.k)
-    finally:
-        search.close()
-    emit(args, doc, format_search)
+    with Collection(args.db, args.ladder, args.m, device=args.device) as photos:
+        emit(args, photos.search(args.text, image=args.image, k=args.k, where=args.where, depth=args.depth))
 
 
-def format_search(doc: dict) -> str:
-    lines = [f"{i + 1:>3}. {r['score']:.4f}  {r['id']}  {r['uri']}" for i, r in enumerate(doc["results"])]
-    lines += [f"{s['model']}: {s['candidates']} candidates, {s['cache_hits']} cached, {s['encoded']} encoded, "
-              f"{s['ms']:.1f} ms" for s in doc["stats"]["levels"]]
-    return "\n".join(lines + [f"{doc['stats']['ms']:.1f} ms, {doc['stats']['gflops']:.3f} GFLOPs of image encoding, "
-                               f"{doc['stats']['text_encodes']} text embedding(s)"])
+def cmd_remove(args: argparse.Namespace) -> None:
+    from bicascade.collection import Collection
+
+    removed = Collection(args.db).remove(args.ids, uri_prefix=args.uri_prefix, where=args.where)
+    emit(args, {"removed": removed}, lambda d: "\n".join(f"{n}: {c} rows removed" for n, c in d["removed"].items())
+         or "nothing matched")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -246,26 +243,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from bicascade import query
-    from bicascade.errors import MissingWeightsError, NotIndexedError
-    from bicascade.storage import tables, verify
+    from bicascade.collection import Collection
 
-    db = tables.Database(args.db)
-    rows = db.recorded_ladder()
-    if not rows:
-        raise NotIndexedError(f"{args.db} has not been indexed")
-    ladder = []
-    try:
-        query.recorded(db)
-    except MissingWeightsError as e:
-        ladder.append(str(e))
-    fingerprints = [r["fingerprint"] for r in rows]
-    report = verify.verify(db, fingerprints, ladder, repair=args.repair)
-    if args.repair:  # what is left after the repairs, with what they did
-        after = verify.verify(db, fingerprints, ladder)
-        for t, done in zip(after.tables, report.tables):
-            t.repaired = done.repaired
-        report = after
+    report = Collection(args.db).verify(repair=args.repair)
     emit(args, report)
     return 0 if report.ok else 1
 
@@ -307,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cutoffs = "cutoffs m_1,m_2,... (default: 50,14 for three levels)"
+    where = ('a filter as the HTTP API\'s `where` object, e.g. \'{"uri_prefix": "photos/2024/", "min_width": 1000}\' '
+             "(uri_prefix, caption, min_width, min_height, meta)")
 
     def command(name: str, func: Callable, help: str, json_out: bool = True, **kw) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, **kw)
@@ -384,7 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ladder", default=None, help="default: the ladder the database was indexed with")
     p.add_argument("--m", type=_ints, default=None, help=cutoffs)
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--depth", type=int, default=None, help="levels of the cascade to run (default all; 1: level 0)")
+    p.add_argument("--where", type=_where, default=None, metavar="JSON", help=where)
     p.add_argument("--device", default=None)
+
+    p = command("remove", cmd_remove, "remove images from every table: images, level 0 (and its ANN index's "
+                                      "results) and every level's cache")
+    p.add_argument("ids", nargs="*", help="image ids (as search prints them)")
+    p.add_argument("--db", required=True)
+    p.add_argument("--uri-prefix", default=None, help="every image indexed from a uri starting with this")
+    p.add_argument("--where", type=_where, default=None, metavar="JSON", help=where)
 
     p = command("serve", cmd_serve, "serve the cascade over HTTP with Ray Serve until Ctrl-C", json_out=False)
     p.add_argument("--db", required=True, help="LanceDB URI indexed by `bicascade index`")

@@ -16,7 +16,8 @@ from bicascade import costs, images, models
 from bicascade.cascade import Cascade, Level, default_cutoffs, validate
 from bicascade.errors import BadInputError, MissingWeightsError, NotIndexedError
 from bicascade.levels import LevelInfo, ResolvedLadder
-from bicascade.storage import cache, tables
+from bicascade.protocol import SearchRequest, SearchResponse, answer
+from bicascade.storage import cache, filters, tables
 
 log = logging.getLogger("bicascade")
 
@@ -131,7 +132,7 @@ class LocalSearch:
         infos = self.ladder.levels
         cutoffs = tuple(cutoffs) if cutoffs is not None else default_cutoffs(len(infos))
         validate(len(infos), cutoffs)
-        index = cache.Corpus(self.db, infos[0].fingerprint)
+        self.corpus = cache.Corpus(self.db, infos[0].fingerprint)
         self.stores: list[cache.LevelCache] = []
         levels: list[Level] = []
         self.models: list[models.LoadedModel] = []
@@ -144,18 +145,30 @@ class LocalSearch:
                                 cache=store, gflops=info.gflops))
             self.models.append(model)
             self.stores += [store] if store else []
-        self.cascade = Cascade(index, levels, cutoffs)
+        # the full cascade and the shallower ones over the same levels and caches (depth 1 is level 0 alone)
+        self.by_depth = {d: Cascade(self.corpus, levels[:d], cutoffs[:d - 1]) for d in range(1, len(levels) + 1)}
 
-    def search(self, text: str, k: int = 10) -> dict:
-        out = self.cascade.search(text, k=k)
-        return out.to_json(self.db.uris([r.id for r in out.results]), self.ladder.names, self.cascade.text_encodes)
+    @property
+    def cascade(self) -> Cascade:
+        return self.by_depth[len(self.by_depth)]
 
-    def search_image(self, data: bytes, k: int = 10) -> dict:
-        """More like this picture: each level embeds it with its own image tower, then the cascade runs as for text."""
-        picture = images.load(data, max_pixels=images.MAX_UPLOAD_PIXELS).rgb
-        vectors = [m.encode_images([picture])[0] for m in self.models]
-        out = self.cascade.search(k=k, vectors=vectors)
-        return out.to_json(self.db.uris([r.id for r in out.results]), self.ladder.names, 0)
+    def search(self, req: SearchRequest) -> SearchResponse:
+        depth = req.depth_of(len(self.by_depth))
+        cascade = self.by_depth[depth]
+        if req.query is not None:
+            vectors = cascade.text_vectors(req.query)
+        elif req.image is not None:  # more like this picture: each level embeds it with its own image tower
+            picture = images.load(req.image, max_pixels=images.MAX_UPLOAD_PIXELS).rgb
+            vectors = [m.encode_images([picture])[0] for m in self.models[:depth]]
+        else:  # an indexed image: its stored and cached vectors (computed and written back where missing)
+            try:
+                vectors = [self.corpus.vectors([req.image_id])[0]]
+            except KeyError:
+                raise NotIndexedError(f"no indexed image {req.image_id!r}") from None
+            vectors += [cascade.embeddings(level, [req.image_id])[0][0] for level in cascade.levels[1:]]
+        allowed = self.corpus.allow(filters.matching(self.db, req.where)) if req.where else None
+        return answer(cascade, req, vectors, allowed, self.ladder.names,
+                      cascade.text_encodes if req.query is not None else 0, self.db.uris, self.corpus.vectors)
 
     def close(self) -> None:
         for store in self.stores:

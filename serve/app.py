@@ -25,7 +25,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -38,6 +38,7 @@ from bicascade.actors.quota import Limiter, RateLimit
 from bicascade.actors.router import Router, RouterConfig
 from bicascade.errors import BadInputError, NotIndexedError, StaleEncoder
 from bicascade.levels import LevelInfo
+from bicascade.protocol import SearchRequest, SearchResponse
 
 MAX_QUERY_CHARS = 1000
 MAX_BODY_BYTES = 16 * 1024  # JSON bodies; a search with an uploaded image may carry MAX_UPLOAD_B64 more
@@ -118,7 +119,8 @@ class Where(BaseModel):
 class Search(BaseModel):
     model_config = ConfigDict(extra="forbid")
     k: Int = Field(10, ge=1, le=MAX_K, description="results wanted; a cascade returns at most its last cutoff")
-    levels: Int | None = Field(None, ge=1, le=64, description="cascade depth: 1 = level 0 alone; default all")
+    depth: Int | None = Field(None, ge=1, le=64, validation_alias=AliasChoices("depth", "levels"),
+                              description="cascade depth: 1 = level 0 alone; default all (`levels` is an alias)")
     offset: Int = Field(0, ge=0, le=MAX_K, description="results to skip (paging)")
     min_score: Num | None = Field(None, ge=-1, le=1, description="drop results scoring below this")
     dedup: Num | None = Field(None, ge=0, le=1, description="collapse results more similar than this")
@@ -139,23 +141,23 @@ class ImageSearch(Search):
                                    f"{images.MAX_UPLOAD_PIXELS} pixels")
 
 
-SearchRequest = Annotated[TextSearch | ImageIdSearch | ImageSearch, Field(union_mode="left_to_right")]
+SearchBody = Annotated[TextSearch | ImageIdSearch | ImageSearch, Field(union_mode="left_to_right")]
 
 
-class LevelStep(BaseModel):
+class LevelScoreDoc(BaseModel):
     model: str
     score: float
     cached: bool
 
 
-class Hit(BaseModel):
+class HitDoc(BaseModel):
     id: str
     score: float
     uri: str | None
-    levels: list[LevelStep]
+    levels: list[LevelScoreDoc]
 
 
-class LevelStats(BaseModel):
+class LevelStatsDoc(BaseModel):
     model: str
     candidates: int
     cache_hits: int
@@ -164,8 +166,8 @@ class LevelStats(BaseModel):
     gflops: float
 
 
-class SearchStats(BaseModel):
-    levels: list[LevelStats]
+class SearchStatsDoc(BaseModel):
+    levels: list[LevelStatsDoc]
     ms: float
     gflops: float
     text_encodes: int
@@ -173,9 +175,9 @@ class SearchStats(BaseModel):
     timing: dict[str, float]
 
 
-class SearchResponse(BaseModel):
-    results: list[Hit]
-    stats: SearchStats
+class SearchDoc(BaseModel):
+    results: list[HitDoc]
+    stats: SearchStatsDoc
 
 
 class KnnRequest(BaseModel):
@@ -414,14 +416,14 @@ def as_enforced(node):
 
 def narrow_schema(depth: int, cutoffs: list[int]) -> dict:
     """The OpenAPI document states this app's own bounds: k and offset up to m_1 (a deeper cascade returns at most
-    its last cutoff), `levels` up to the ladder's depth."""
+    its last cutoff), `depth` up to the ladder's."""
     top = cutoffs[0] if cutoffs else MAX_K
     schema = as_enforced(api.openapi())  # a new document: FastAPI's own stays as it is
     props = schema["components"]["schemas"]
     for name in ("TextSearch", "ImageIdSearch", "ImageSearch"):
         p = props[name]["properties"]
         p["k"]["maximum"] = p["offset"]["maximum"] = top
-        for option in p["levels"].get("anyOf", [p["levels"]]):
+        for option in p["depth"].get("anyOf", [p["depth"]]):
             if option.get("type") == "integer":
                 option["maximum"] = depth
     return schema
@@ -516,28 +518,23 @@ class Api:
         self.count(route, resp.status_code if isinstance(resp, Response) else 200)
         return resp
 
-    def request_for(self, req: BaseModel) -> dict:
+    def request_for(self, req: BaseModel) -> SearchRequest:
         """The router's request; the bounds the schema states for this app (narrow_schema) are checked here."""
         top = self.cutoffs[0] if self.cutoffs else MAX_K
-        if req.levels is not None and req.levels > self.depth:
-            raise BadInputError(f"levels: must be between 1 and {self.depth}, got {req.levels}")
+        if req.depth is not None and req.depth > self.depth:
+            raise BadInputError(f"depth: must be between 1 and {self.depth}, got {req.depth}")
         for name in ("k", "offset"):
             if getattr(req, name) > top:
                 raise BadInputError(f"{name}: must be at most the first cutoff {top}, got {getattr(req, name)}")
-        depth = self.depth if req.levels is None else req.levels
-        out = {"k": req.k, "depth": depth, "offset": req.offset, "min_score": req.min_score, "dedup": req.dedup,
-               "where": req.where.model_dump(exclude_none=True) if req.where else None}
+        common = {"k": req.k, "depth": req.depth, "offset": req.offset, "min_score": req.min_score,
+                  "dedup": req.dedup, "where": req.where.model_dump(exclude_none=True) if req.where else None}
         if isinstance(req, TextSearch):
-            if not req.query.strip():
-                raise BadInputError("query: must not be blank")
-            out["query"] = req.query
-        elif isinstance(req, ImageIdSearch):
-            out["image_id"] = req.image_id
-        else:
-            out["image"] = decode_upload(req.image)
-        return out
+            return SearchRequest.of(req.query, **common)
+        if isinstance(req, ImageIdSearch):
+            return SearchRequest.of(image_id=req.image_id, **common)
+        return SearchRequest.of(image=decode_upload(req.image), **common)
 
-    async def run_search(self, body: dict) -> dict:
+    async def run_search(self, body: SearchRequest) -> SearchResponse:
         if self.inflight >= self.max_inflight:  # shed load early: a bounded wait beats an unbounded queue
             raise Overloaded()
         self.inflight += 1
@@ -566,21 +563,11 @@ class Api:
             return Response(path.read_bytes(), media_type=kind, headers={"Cache-Control": "public, max-age=300"})
         return await self.answer("/static", request, work)
 
-    @api.post("/search", response_model=SearchResponse, responses={**COMMON, 404: ERR, **SERVICE})
-    async def search(self, request: Request, req: SearchRequest) -> Response:
+    @api.post("/search", response_model=SearchDoc, responses={**COMMON, 404: ERR, **SERVICE})
+    async def search(self, request: Request, req: SearchBody) -> Response:
         async def work():
-            doc = await self.run_search(self.request_for(req))
-            doc["stats"]["uncascaded_gflops"] = self.uncascaded(doc)
-            return JSONResponse(doc)
+            return JSONResponse((await self.run_search(self.request_for(req))).to_json())
         return await self.answer("/search", request, work)
-
-    def uncascaded(self, doc: dict) -> float:
-        """What this query's image encoding would cost without the cascade: the top level over every candidate
-        level 0 ranked (a floor: uncascaded, it would have embedded the whole corpus once)."""
-        levels = doc["stats"]["levels"]
-        top = levels[-1]
-        per_image = top["gflops"] / top["encoded"] if top["encoded"] else 0.0
-        return per_image * levels[0]["candidates"] if per_image else 0.0
 
     @api.get("/images/{image_id}", responses={200: {"content": {"image/*": {}}}, 401: ERR, 404: ERR, 422: ERR,
                                                429: ERR, **SERVICE})
@@ -655,18 +642,14 @@ class Api:
             n = req.num_result_ids or req.num_images
             # the deepest cascade that still ranks n results
             depth = max([1] + [d for d in range(2, self.depth + 1) if self.cutoffs[d - 2] >= n])
-            body = {"k": min(n, self.cutoffs[0] if self.cutoffs else n), "depth": depth, "offset": 0,
-                    "dedup": 0.94 if req.deduplicate else None, "min_score": None, "where": None}
-            if req.text is not None:
-                body["query"] = req.text
-            else:
-                body["image"] = decode_upload(req.image)
-            doc = await self.run_search(body)
+            asked = {"query": req.text} if req.text is not None else {"image": decode_upload(req.image)}
+            found = await self.run_search(SearchRequest(**asked, k=min(n, self.cutoffs[0] if self.cutoffs else n),
+                                                      depth=depth, dedup=0.94 if req.deduplicate else None))
             base = str(request.base_url).rstrip("/")
             captions = {m["id"]: m.get("caption") for m in
-                        await asyncio.to_thread(self.router.metadata, [r["id"] for r in doc["results"]])}
-            return JSONResponse([{"id": r["id"], "similarity": r["score"], "url": f"{base}/images/{r['id']}",
-                                  "caption": captions.get(r["id"])} for r in doc["results"][:req.num_images]])
+                        await asyncio.to_thread(self.router.metadata, [h.id for h in found])}
+            return JSONResponse([{"id": h.id, "similarity": h.score, "url": f"{base}/images/{h.id}",
+                                  "caption": captions.get(h.id)} for h in found.hits[:req.num_images]])
         return await self.answer("/knn-service", request, work)
 
     @api.post("/metadata", response_model=list[MetadataItem], responses={**COMMON, 404: ERR, **SERVICE})

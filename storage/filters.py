@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from bicascade.errors import BadInputError
+
+if TYPE_CHECKING:
+    from bicascade.storage import tables
 
 MAX_TEXT = 500  # longest prefix / substring / metadata value a filter takes
 MAX_FIELDS = 16
@@ -78,6 +81,14 @@ class Filter:
                 accepted = value if isinstance(value, list) else [value]
                 keep &= np.array([d.get(name, _MISSING) in accepted for d in docs], bool)
         return keep
+
+
+def matching(db: tables.Database, where: Filter) -> list[str]:
+    """Ids of the indexed images `where` holds for."""
+    from bicascade.storage import tables  # here: the rest of this module is pure pyarrow (fast mutation tests)
+
+    rows = db.dataset(tables.IMAGES).to_table(columns=list(Filter.COLUMNS))
+    return np.asarray(rows.column("id").to_pylist(), dtype=object)[where.mask(rows)].tolist()
 
 
 _MISSING = object()

@@ -13,6 +13,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from lancedb.expr import col
 from lancedb.index import BTree, IvfFlat, IvfHnswSq, IvfSq
 
 from bicascade.errors import NotIndexedError
@@ -254,6 +255,20 @@ class Database:
         if rows.num_rows:
             table = self.table(name, schema)
             table.merge_insert("id").when_not_matched_insert_all().execute(rows.select(schema.names).cast(schema))
+
+    def remove_images(self, ids: Sequence[str]) -> dict[str, int]:
+        """Remove images by id from every table that holds them: `images`, the ingest ledger, level 0 and every cache
+        table (rows deleted are gone from the ANN index's results at once). Table -> rows removed."""
+        removed = {}
+        for name in [IMAGES, SOURCES, *sorted(n for n in self.names() if n.startswith("emb_"))]:
+            if not ids or not self.has(name):
+                continue
+            before = self.count(name)
+            for start in range(0, len(ids), 1000):
+                batch = list(ids[start:start + 1000])
+                _retrying(lambda n=name, b=batch: self.table(n).delete(col("id").isin(b)))
+            removed[name] = before - self.count(name)
+        return removed
 
     def append(self, name: str, schema: pa.Schema, rows: Sequence[dict]) -> None:
         if rows:

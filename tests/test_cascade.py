@@ -233,25 +233,6 @@ def test_each_levels_stats_trail_and_provenance():
     assert Cascade(w.index, w.levels[:1], cutoffs=[]).search("q", k=3).vectors is None  # level 0 alone
 
 
-def test_the_response_document():
-    w = World(n=40)
-    out = Cascade(w.index, w.levels, cutoffs=[10, 4]).search("q", k=2)
-    doc = out.to_json({i: f"/img/{i}.png" for i in w.ids}, ["small", "mid", "top"], text_encodes=3)
-    assert [r["id"] for r in doc["results"]] == [r.id for r in out.results]
-    first = doc["results"][0]
-    assert first["uri"] == f"/img/{first['id']}.png" and first["score"] == out.results[0].score
-    assert [lv["model"] for lv in first["levels"]] == ["small", "mid", "top"]
-    assert [lv["cached"] for lv in first["levels"]] == [False, False, False]  # level 0 is never "cached"
-    assert [lv["score"] for lv in first["levels"]] == out.results[0].scores
-    stats = doc["stats"]
-    assert stats["text_encodes"] == 3 and stats["ms"] == out.ms and stats["gflops"] == 10 * 10.0 + 4 * 100.0
-    assert stats["levels"][2] == {"model": "L2", "candidates": 4, "cache_hits": 0, "encoded": 4,
-                                  "ms": out.levels[2].ms, "gflops": 400.0}
-    again = Cascade(w.index, w.levels, cutoffs=[10, 4]).search("q", k=2).to_json({}, ["s", "m", "t"], 1)
-    assert [lv["cached"] for lv in again["results"][0]["levels"]] == [False, True, True]
-    assert again["results"][0]["uri"] is None  # an id without a known uri
-
-
 def test_timings_are_milliseconds_of_the_work_done():
     import time
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from bicascade import query
+import bicascade
 from bicascade.pipelines.lab import train
 
 from conftest import LOOPBACK, cli_json, free_port, listening, serving, start_cluster, stop_cluster, verified
@@ -77,9 +77,8 @@ def test_index_and_serve_on_two_nodes(cluster, tmp_path):
     env = {**LOCAL, "RAY_ADDRESS": cluster}
     assert cli_json("index", str(root / "test"), "--db", db, "--ladder", LADDER, env=env)["rows"] == 300
 
-    search = query.LocalSearch(db, device="cpu")  # one process, no Ray: the reference
-    want = {q: [r["id"] for r in search.search(q, k=10)["results"]] for q in QUERIES}
-    search.close()
+    with bicascade.open(db, device="cpu") as photos:  # one process, no Ray: the reference
+        want = {q: [h.id for h in photos.search(q, k=10)] for q in QUERIES}
 
     with serving(db, "--group-gflops", "0", env=env) as server:  # a deployment per level, each on a worker
         for q in QUERIES:

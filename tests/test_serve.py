@@ -6,6 +6,7 @@ import pytest
 import requests
 from ray import serve
 
+import bicascade
 from bicascade import models, query
 from bicascade.actors.router import writer_name
 from bicascade.serve.app import MAX_BODY_BYTES, MAX_UPLOAD_B64, AppConfig
@@ -28,10 +29,8 @@ def corpus(tiny_db):
 @pytest.fixture(scope="module")
 def local_results(corpus):
     """The in-process cascade, before the server starts (then exactly one writer per cache table at a time)."""
-    search = query.LocalSearch(corpus, device="cpu")
-    out = {q: search.search(q, k=10) for q in QUERIES}
-    search.close()
-    return out
+    with bicascade.open(corpus, device="cpu") as photos:
+        return {q: photos.search(q, k=10).to_json() for q in QUERIES}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,7 @@ def test_repeated_query_hits_the_cache(url):
 def test_level0_alone_on_request(url):
     out = post(url, {"query": "a red circle", "k": 50, "levels": 1}).json()
     assert len(out["results"]) == 50 and [lv["candidates"] for lv in out["stats"]["levels"]] == [50]
-    two = post(url, {"query": "a red circle", "k": 10, "levels": 2}).json()
+    two = post(url, {"query": "a red circle", "k": 10, "depth": 2}).json()  # `levels`, above, is its alias
     assert [lv["candidates"] for lv in two["stats"]["levels"]] == [50, 50]
     # a k beyond the last cutoff: the full cascade returns what its top level ranked
     assert len(post(url, {"query": "a red circle", "k": 40}).json()["results"]) == 14
@@ -105,7 +104,8 @@ def test_concurrent_identical_cold_queries_encode_once(url, corpus):
     ({}, "exactly one of"), ({"query": ""}, "query"), ({"query": "   "}, "query"), ({"query": "x" * 1001}, "query"),
     ({"query": "a", "k": 0}, "k"), ({"query": "a", "k": 51}, "k: must be at most the first cutoff 50"),
     ({"query": "a", "k": "5"}, "k"), ({"query": "a", "k": True}, "k"), ({"query": "a", "levels": 0}, "levels"),
-    ({"query": "a", "levels": 4}, "levels: must be between 1 and 3"), ({"query": 5}, "query"),
+    ({"query": "a", "levels": 4}, "depth: must be between 1 and 3"),
+    ({"query": "a", "depth": 0}, "depth"), ({"query": 5}, "query"),
     ({"query": ["a"]}, "query"), ({"query": "a", "k": 2.5}, "k"), ({"query": "a", "x": 1}, "x"),
     ({"query": "a", "image_id": "0" * 32}, "exactly one of"), ({"image_id": "../../etc/passwd"}, "image_id"),
     ({"image": "bm90IGFuIGltYWdl"}, "image"), ({"image": "%%%%"}, "image"),

@@ -105,7 +105,7 @@ async function search(body, label) {
   status("Searching…");
   try {
     const doc = await api("/search", { method: "POST", headers: { "Content-Type": "application/json" },
-                                       body: JSON.stringify({ k: 24, levels: depth, ...body }) });
+                                       body: JSON.stringify({ k: 24, depth, ...body }) });
     render(doc, label);
   } catch (e) {
     status(`Search failed: ${e.message}`, true);

@@ -1,0 +1,75 @@
+"""The query path's typed joints: a search request checked where it is made, and `answer`, the one place a cascade's
+output becomes the response (paging, min_score, dedup, the HTTP document)."""
+import pytest
+from test_cascade import World
+
+from bicascade.cascade import Cascade
+from bicascade.errors import BadInputError
+from bicascade.protocol import SearchRequest, answer
+from bicascade.storage.filters import Filter
+
+
+def respond(w, req, cutoffs=(10, 4), names=("small", "mid", "top"), uris=None):
+    cascade = Cascade(w.index, w.levels[:len(cutoffs) + 1], list(cutoffs))
+    vectors = cascade.text_vectors(req.query)
+    return answer(cascade, req, vectors, None, list(names), 3, uris or (lambda ids: {}),
+                  lambda ids: w.image[0][[w.ids.index(i) for i in ids]])
+
+
+def test_a_request_is_checked_where_it_is_made():
+    assert SearchRequest("q").k == 10 and SearchRequest(image_id="abc").depth is None
+    for bad, match in [({}, "exactly one of query, image or image_id"),
+                       ({"query": "q", "image_id": "a"}, "got query, image_id"), ({"query": "  "}, "blank"),
+                       ({"query": "q", "k": 0}, "k: must be an integer of at least 1"),
+                       ({"query": "q", "k": 2.0}, "k: must be an integer"),
+                       ({"query": "q", "offset": -1}, "offset: must be an integer of at least 0"),
+                       ({"query": "q", "depth": 0}, "depth: must be a positive integer"),
+                       ({"query": "q", "dedup": 1.5}, "dedup: must be between -1 and 1"),
+                       ({"query": "q", "min_score": -2}, "min_score: must be between -1 and 1")]:
+        with pytest.raises(BadInputError, match=match):
+            SearchRequest(**bad)
+    req = SearchRequest.of("q", where={"uri_prefix": "a/"}, k=3)
+    assert req.where == Filter(uri_prefix="a/") and req.k == 3
+    with pytest.raises(BadInputError, match="where: unknown fields"):
+        SearchRequest.of("q", where={"color": "red"})
+    assert req.depth_of(3) == 3 and SearchRequest("q", depth=2).depth_of(3) == 2
+    with pytest.raises(BadInputError, match="depth: must be between 1 and 3, got 4"):
+        SearchRequest("q", depth=4).depth_of(3)
+
+
+def test_the_response_document():
+    w = World(n=40)
+    out = respond(w, SearchRequest("q", k=2), uris=lambda ids: {i: f"/img/{i}.png" for i in ids})
+    doc = out.to_json()
+    assert [r["id"] for r in doc["results"]] == [h.id for h in out] and len(out) == 2
+    first = doc["results"][0]
+    assert first["uri"] == f"/img/{first['id']}.png" and first["score"] == out[0].score
+    assert [lv["model"] for lv in first["levels"]] == ["small", "mid", "top"]
+    assert [lv["cached"] for lv in first["levels"]] == [False, False, False]  # level 0 is never "cached"
+    assert first["levels"][2]["score"] == first["score"]
+    stats = doc["stats"]
+    assert stats["text_encodes"] == 3 and stats["ms"] == out.ms and stats["gflops"] == 10 * 10.0 + 4 * 100.0
+    assert stats["levels"][2] == {"model": "L2", "candidates": 4, "cache_hits": 0, "encoded": 4,
+                                  "gflops": 400.0, "ms": out.levels[2].ms}
+    assert stats["uncascaded_gflops"] == 100.0 * 10  # the top level over level 0's 10 candidates
+    again = respond(w, SearchRequest("q", k=2), names=("s", "m", "t")).to_json()
+    assert [lv["cached"] for lv in again["results"][0]["levels"]] == [False, True, True]
+    assert again["results"][0]["uri"] is None  # an id without a known uri
+    assert "1. " in out.format() and "3 text embedding(s)" in out.format()
+
+
+def test_paging_min_score_and_dedup():
+    w = World(n=60)
+    full = [h.id for h in respond(w, SearchRequest("q", k=4))]
+    assert [h.id for h in respond(w, SearchRequest("q", k=2, offset=2))] == full[2:4]
+    assert [h.id for h in respond(w, SearchRequest("q", k=4, offset=3))] == full[3:]  # the last cutoff bounds it
+    scores = [h.score for h in respond(w, SearchRequest("q", k=4))]
+    kept = respond(w, SearchRequest("q", k=4, min_score=scores[1]))
+    assert [h.score for h in kept] == scores[:2]
+    assert [h.id for h in respond(w, SearchRequest("q", k=4, dedup=1.0))] == full  # nothing is more than equal
+    assert [h.id for h in respond(w, SearchRequest("q", k=4, dedup=-1.0))] == full[:1]  # everything is a near-twin
+    stored = []
+    cascade = Cascade(w.index, w.levels[:1], [])
+    out = answer(cascade, SearchRequest("q", k=3, dedup=-1.0), cascade.text_vectors("q"), None, ["small"], 1,
+                 lambda ids: {}, lambda ids: stored.append(ids) or w.image[0][[w.ids.index(i) for i in ids]])
+    assert len(out) == 1 and len(stored[0]) == 3  # depth 1 dedups on level 0's stored vectors
