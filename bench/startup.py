@@ -15,7 +15,7 @@ import time
 import requests
 from common import emit
 
-from bicascade.pipelines.ingest.cluster import free_port
+from bicascade.runtime import free_port
 
 
 def watch(app: str, t0: float, out: dict[str, float], done: threading.Event) -> None:
@@ -35,13 +35,13 @@ def watch(app: str, t0: float, out: dict[str, float], done: threading.Event) -> 
 def one_run(db: str) -> dict:
     from ray import serve
 
-    from bicascade.pipelines.ingest import cluster
+    from bicascade import runtime
     from bicascade.serve import server
     from bicascade.serve.app import AppConfig
     from bicascade.serve.build import build, runtime_env
 
     t0 = time.monotonic()
-    cluster.connect(runtime_env())
+    runtime.connect(runtime_env())
     ray_up = time.monotonic() - t0
     port = free_port()
     t1 = time.monotonic()

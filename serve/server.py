@@ -11,8 +11,8 @@ import threading
 import ray
 from ray import serve
 
+from bicascade import runtime
 from bicascade.errors import BadInputError
-from bicascade.pipelines.ingest import cluster
 from bicascade.serve.app import AppConfig, Keys
 from bicascade.serve.build import build, runtime_env
 
@@ -45,7 +45,7 @@ def deploy(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: s
         if config.replicas.get("Api", 1) != 1:
             raise BadInputError("direct ingress serves one port from one Api replica: drop Api from --replicas")
         config.replicas["Api"] = 1
-        port, served = cluster.free_port(host), port  # Serve still starts its proxy: on a port of its own, unused
+        port, served = runtime.free_port(host), port  # Serve still starts its proxy: on a port of its own, unused
     else:
         served = port
     serve.start(http_options={"host": host, "port": port})
@@ -57,7 +57,7 @@ def start(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: st
           route_prefix: str = "/", direct: bool = False) -> str:
     if direct:
         direct_ingress(port)
-    cluster.connect(runtime_env())
+    runtime.connect(runtime_env())
     return deploy(config, host, port, name, route_prefix)
 
 
@@ -127,7 +127,7 @@ def serve_forever(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, 
         direct_ingress(port)
     url = None
     try:
-        cluster.connect(runtime_env(), dashboard=dashboard)
+        runtime.connect(runtime_env(), dashboard=dashboard)
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler that aborts
             signal.signal(sig, lambda *_: done.set())
         url = deploy(config, host, port)

@@ -16,7 +16,7 @@ import requests
 import bicascade
 from bicascade.pipelines.lab import train
 
-from conftest import LOOPBACK, cli_json, free_port, listening, serving, start_cluster, stop_cluster, verified
+from conftest import LOOPBACK_IPS, cli_json, free_port, listening, serving, start_cluster, stop_cluster, verified
 from conftest import RAY_LOCAL as LOCAL
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -90,7 +90,7 @@ def test_index_and_serve_on_two_nodes(cluster, tmp_path):
         where = json.loads(placement.stdout)
         assert set(where["encoders"]) <= set(where["workers"]) and set(where["writers"]).isdisjoint(where["workers"])
         sockets = listening([server.proc.pid], marker=cluster)  # the app's driver, both nodes and their workers
-        assert len(sockets) > 5 and {ip for ip, _, _ in sockets} <= LOOPBACK, sockets
+        assert len(sockets) > 5 and {ip for ip, _, _ in sockets} <= LOOPBACK_IPS, sockets
         assert server.stop() == 0, server.stderr[-4000:]
 
 

@@ -91,10 +91,10 @@ def test_a_cache_writer_recycles_its_process_and_loses_nothing(tmp_path):
     Ray restarts it, the call that found it gone is retried on the new process, and every row lands once."""
     import ray
 
+    from bicascade import runtime
     from bicascade.actors.router import CacheWriter
-    from bicascade.pipelines.ingest import cluster
 
-    cluster.connect()
+    runtime.connect()
     try:
         db = str(tmp_path / "db")
         writer = CacheWriter.options(max_restarts=-1, max_task_retries=-1).remote(

@@ -48,7 +48,7 @@ def test_pipelines_never_import_actors_serve_or_the_cli():
 
 def test_the_query_core_imports_no_ray_and_only_storage_imports_lancedb():
     g = graph()
-    core = [m for m in g if m in ("bicascade.query", "bicascade.cascade", "bicascade.levels", "bicascade.models",
+    core = [m for m in g if m in ("bicascade.query", "bicascade.cascade", "bicascade.protocol", "bicascade.levels", "bicascade.models",
                                   "bicascade.costs",
                                   "bicascade.images", "bicascade.ladders", "bicascade.errors")
             or m.startswith(("bicascade.storage", "bicascade.pipelines.measure"))]
@@ -63,7 +63,8 @@ def test_lower_layers_never_import_higher_ones():
     order = ["bicascade", "bicascade.model_configs", "bicascade.errors", "bicascade.levels", "bicascade.images",
              "bicascade.models",
              "bicascade.cascade", "bicascade.costs",
-             "bicascade.ladders", "bicascade.storage", "bicascade.protocol", "bicascade.query", "bicascade.actors",
+             "bicascade.ladders", "bicascade.storage", "bicascade.protocol", "bicascade.query", "bicascade.runtime",
+             "bicascade.actors",
              "bicascade.pipelines", "bicascade.serve", "bicascade.collection", "bicascade.cli"]
 
     def layer(mod: str) -> int:

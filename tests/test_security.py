@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import LOOPBACK, listening, ray_logs, serving
+from conftest import LOOPBACK_IPS, listening, ray_logs, serving
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 READ, ADMIN = "read-key-5b2f9c1e7d3a4f60", "admin-key-0c8e61d94b7a2f35"
@@ -58,7 +58,7 @@ def bearer(key):
 
 def test_the_local_cluster_listens_on_loopback_only(limited_server):
     sockets = listening([limited_server.proc.pid])  # the driver, GCS, raylet, agents, workers and replicas
-    assert len(sockets) > 5 and {ip for ip, _, _ in sockets} <= LOOPBACK, sockets
+    assert len(sockets) > 5 and {ip for ip, _, _ in sockets} <= LOOPBACK_IPS, sockets
     print(f"{len(sockets)} listening sockets on {sorted({ip for ip, _, _ in sockets})}")
 
 

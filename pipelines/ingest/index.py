@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from bicascade import images, models, query
+from bicascade import images, models, query, runtime
 from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import ResolvedLadder
-from bicascade.pipelines.ingest import cluster, sources
+from bicascade.pipelines.ingest import sources
 from bicascade.storage import tables
 
 log = logging.getLogger("bicascade")
@@ -234,7 +234,7 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
                     sum(src.ignored.values()), ", ".join(f"{ext} x{n}" for ext, n in list(src.ignored.items())[:8]),
                     " ".join(sources.IMAGE_EXTS))
 
-    cluster.connect()
+    runtime.connect()
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours below says images/s and ETA
     cpus = ray.cluster_resources().get("CPU", 1)
     gpus = int(ray.cluster_resources().get("GPU", 0))

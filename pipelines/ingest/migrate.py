@@ -16,10 +16,9 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from bicascade import images, models, query
+from bicascade import images, models, query, runtime
 from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import LevelInfo
-from bicascade.pipelines.ingest import cluster
 from bicascade.pipelines.ingest.index import Encoder
 from bicascade.storage import cache, tables
 
@@ -88,7 +87,7 @@ def reembed(db: tables.Database, spec: models.ModelSpec, ids: list[str], write, 
     if not ids:
         return 0
     pp_cfg, _ = models.describe(spec)
-    cluster.connect()
+    runtime.connect()
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = ray.cluster_resources().get("CPU", 1)
     gpus = int(ray.cluster_resources().get("GPU", 0))
