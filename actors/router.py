@@ -385,6 +385,14 @@ class Router:
     def flush(self) -> int:
         return sum(ray.get([w.flush.remote() for w in self.writers]))
 
+    def remove(self, ids: list[str]) -> dict[str, int]:
+        """Remove images everywhere (blocking): the writers flush first, so no pending vector of them lands later;
+        this replica's corpus follows at once, the others at their next refresh."""
+        self.flush()
+        removed = self.db.remove_images(ids)
+        self.corpus.refresh()
+        return removed
+
     def stats(self) -> dict:
         self.corpus.refresh()
         rows = self.corpus.rows

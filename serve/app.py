@@ -2,30 +2,25 @@
 replica) over one Encoder deployment per level.
 
 Routes: the search page (GET /), POST /search (text, an indexed image, or an uploaded image; filters, paging,
-dedup), images and thumbnails, /stats, /metrics, /healthz, and clip-retrieval's /knn-service, /indices-list and
-/metadata. With API keys on, every route but /healthz needs `Authorization: Bearer KEY` (admin routes an admin key);
-each client is rate-limited. The OpenAPI schema states every bound the server enforces.
+dedup), images and thumbnails (and DELETE /images/ID), /stats, /metrics, /healthz, and clip-retrieval's /knn-service,
+/indices-list and /metadata. With API keys on, every route but /healthz needs `Authorization: Bearer KEY` (admin
+routes an admin key; `access.py`); each client is rate-limited. The request and response documents, and the bounds
+the OpenAPI schema states, are `schema.py`'s.
 """
 # no `from __future__ import annotations`: FastAPI must see the request model classes, not strings
 
 import asyncio
-import base64
-import binascii
-import hashlib
-import hmac
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -39,13 +34,32 @@ from bicascade.actors.router import Router, RouterConfig
 from bicascade.errors import BadInputError, NotIndexedError, StaleEncoder
 from bicascade.levels import LevelInfo
 from bicascade.protocol import SearchRequest, SearchResponse
+from bicascade.serve.access import Keys, client_of, presented_key
+from bicascade.serve.schema import (
+    COMMON,
+    ERR,
+    ID,
+    MAX_BODY_BYTES,
+    MAX_K,
+    MAX_UPLOAD_B64,
+    SERVICE,
+    THUMB_SIDES,
+    ImageIdSearch,
+    KnnHit,
+    KnnRequest,
+    LadderInfo,
+    MetadataItem,
+    MetadataRequest,
+    SearchBody,
+    SearchDoc,
+    TextSearch,
+    as_enforced,
+    decode_upload,
+    error,
+    invalid_response,
+)
+from bicascade.storage import tables
 
-MAX_QUERY_CHARS = 1000
-MAX_BODY_BYTES = 16 * 1024  # JSON bodies; a search with an uploaded image may carry MAX_UPLOAD_B64 more
-MAX_UPLOAD_B64 = 4 * math.ceil(images.MAX_UPLOAD_BYTES / 3)
-MAX_K = 1000  # the schema's static bound; the app narrows it to its own first cutoff
-ID = r"^[A-Za-z0-9_-]{1,128}$"  # ids are opaque keys: nothing path-like gets near storage
-THUMB_SIDES = (64, 1024)
 # a replica died mid-request (Serve replaces it) or a downstream queue is full: the client should retry
 RETRYABLE = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
 PAGE = Path(__file__).with_name("page")
@@ -67,239 +81,8 @@ class AppConfig:
     plan: dict | None = None  # a `bicascade plan` choice: {"cascade", "cutoffs", "adaptive_margin"}
 
 
-# --- request and response shapes ------------------------------------------------------------------------------
-
-def _integral(v: object) -> object:
-    """JSON integers (2.0 included, as JSON Schema has it), nothing else: no strings, no booleans."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-        raise ValueError("must be an integer")
-    return int(v)
-
-
-def _number(v: object) -> object:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError("must be a number")
-    return float(v)
-
-
-def _boolean(v: object) -> object:
-    if not isinstance(v, bool):
-        raise ValueError("must be true or false")
-    return v
-
-
-Int = Annotated[int, BeforeValidator(_integral)]
-Num = Annotated[float, BeforeValidator(_number)]
-Bool = Annotated[bool, BeforeValidator(_boolean)]
-
-class Error(BaseModel):
-    error: str
-
-
-# filter values are compared with columns, never spliced into a query; quotes, backslashes, semicolons and control
-# characters have no place in them and are refused (so is anything in an id but letters, digits, '-' and '_')
-SAFE_TEXT = r"^[^'\"`;\\\x00-\x1f]+$"
-FieldName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")]
-MetaValue = Annotated[str, Field(max_length=500, pattern=SAFE_TEXT)] | Num | Bool
-
-
-class Where(BaseModel):
-    """Conditions on the images table, all of which must hold; applied before level 0 ranks."""
-
-    model_config = ConfigDict(extra="forbid")
-    uri_prefix: str | None = Field(None, min_length=1, max_length=500, pattern=SAFE_TEXT)
-    caption: str | None = Field(None, min_length=1, max_length=500, pattern=SAFE_TEXT,
-                                description="case-insensitive substring")
-    min_width: Int | None = Field(None, ge=0, le=1_000_000)
-    min_height: Int | None = Field(None, ge=0, le=1_000_000)
-    meta: dict[FieldName, MetaValue | Annotated[list[MetaValue], Field(min_length=1, max_length=100)]] | None = Field(
-        None, max_length=16, description="equality on fields of the source's metadata (any of a list)")
-
-
-class Search(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    k: Int = Field(10, ge=1, le=MAX_K, description="results wanted; a cascade returns at most its last cutoff")
-    depth: Int | None = Field(None, ge=1, le=64, validation_alias=AliasChoices("depth", "levels"),
-                              description="cascade depth: 1 = level 0 alone; default all (`levels` is an alias)")
-    offset: Int = Field(0, ge=0, le=MAX_K, description="results to skip (paging)")
-    min_score: Num | None = Field(None, ge=-1, le=1, description="drop results scoring below this")
-    dedup: Num | None = Field(None, ge=0, le=1, description="collapse results more similar than this")
-    where: Where | None = None
-
-
-class TextSearch(Search):
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S")
-
-
-class ImageIdSearch(Search):
-    image_id: str = Field(pattern=ID, description="an indexed image: more like this")
-
-
-class ImageSearch(Search):
-    image: str = Field(min_length=4, max_length=MAX_UPLOAD_B64, json_schema_extra={"format": "image-base64"},
-                       description=f"base64 of an image file up to {images.MAX_UPLOAD_BYTES} bytes and "
-                                   f"{images.MAX_UPLOAD_PIXELS} pixels")
-
-
-SearchBody = Annotated[TextSearch | ImageIdSearch | ImageSearch, Field(union_mode="left_to_right")]
-
-
-class LevelScoreDoc(BaseModel):
-    model: str
-    score: float
-    cached: bool
-
-
-class HitDoc(BaseModel):
-    id: str
-    score: float
-    uri: str | None
-    levels: list[LevelScoreDoc]
-
-
-class LevelStatsDoc(BaseModel):
-    model: str
-    candidates: int
-    cache_hits: int
-    encoded: int
-    ms: float
-    gflops: float
-
-
-class SearchStatsDoc(BaseModel):
-    levels: list[LevelStatsDoc]
-    ms: float
-    gflops: float
-    text_encodes: int
-    uncascaded_gflops: float
-    timing: dict[str, float]
-
-
-class SearchDoc(BaseModel):
-    results: list[HitDoc]
-    stats: SearchStatsDoc
-
-
-class KnnRequest(BaseModel):
-    """clip-retrieval's knn-service request (clip_retrieval/clip_back.py), text or image. Its safety and aesthetic
-    options have no counterpart here and are accepted and ignored; `image_url` and `embedding_input` must be null
-    (this server fetches nothing from the network, and each level embeds queries with its own model)."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
-        {"required": ["text"], "properties": {"text": {"type": "string"}}},
-        {"required": ["image"], "properties": {"image": {"type": "string"}}}]})
-    text: str | None = Field(None, min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S")
-    image: str | None = Field(None, min_length=4, max_length=MAX_UPLOAD_B64,
-                              json_schema_extra={"format": "image-base64"})
-    image_url: None = Field(None, description="not supported: send the image's bytes in `image`")
-    embedding_input: None = Field(None, description="not supported: send text or image")
-    modality: Literal["image"] = "image"
-    num_images: Int = Field(40, ge=1, le=MAX_K)
-    num_result_ids: Int | None = Field(None, ge=1, le=MAX_K)
-    indice_name: str | None = Field(None, max_length=200)
-    use_mclip: Bool = False
-    deduplicate: Bool = False
-    use_safety_model: Bool = False
-    use_violence_detector: Bool = False
-    aesthetic_score: Int | Annotated[str, Field(max_length=20)] | None = None
-    aesthetic_weight: Num | Annotated[str, Field(max_length=20)] | None = None
-
-    @model_validator(mode="after")
-    def _text_or_image(self) -> "KnnRequest":
-        if self.text is None and self.image is None:  # both: text wins, as in clip-retrieval's own server
-            raise ValueError("give text or image")
-        return self
-
-
-class KnnHit(BaseModel):
-    id: str
-    similarity: float
-    url: str
-    caption: str | None
-
-
-class MetadataRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    ids: list[Annotated[str, Field(pattern=ID)]] = Field(max_length=1000)
-    indice_name: str | None = Field(None, max_length=200)
-
-
-class LadderLevel(BaseModel):
-    model: str
-    gflops: float
-
-
-class LadderInfo(BaseModel):
-    name: str
-    levels: list[LadderLevel]
-    cutoffs: list[int]
-
-
-class MetadataItem(BaseModel):
-    id: str
-    metadata: dict
-
-
-ERR = {"model": Error}
-RETRY = {**ERR, "headers": {"Retry-After": {"schema": {"type": "integer"}}}}
-COMMON = {400: ERR, 401: ERR, 413: ERR, 422: ERR, 429: RETRY}
-SERVICE = {503: RETRY}
-
-
-# --- keys -------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Keys:
-    """API keys as SHA-256 digests with their roles (`read` searches; `admin` also reads /stats and /metrics)."""
-
-    roles: dict[bytes, str]
-
-    @classmethod
-    def load(cls, path: str | None) -> "Keys | None":
-        text = Path(path).read_text() if path else os.environ.get("BICASCADE_API_KEYS", "").replace(",", "\n")
-        roles = {}
-        for n, line in enumerate(text.splitlines(), 1):
-            parts = line.split("#", 1)[0].split()
-            if not parts:
-                continue
-            if len(parts) > 2 or (len(parts) == 2 and parts[1] not in ("read", "admin")) or len(parts[0]) < 16:
-                raise BadInputError(f"api keys line {n}: expected `KEY [read|admin]` with a key of 16+ characters")
-            roles[hashlib.sha256(parts[0].encode()).digest()] = parts[1] if len(parts) == 2 else "read"
-        if path and not roles:
-            raise BadInputError(f"no API keys in {path}")
-        return cls(roles) if roles else None
-
-    def role(self, key: str) -> str | None:
-        """The key's role, compared in constant time against every key (no early exit)."""
-        digest = hashlib.sha256(key.encode()).digest()
-        found = None
-        for known, role in self.roles.items():
-            if hmac.compare_digest(known, digest):
-                found = role
-        return found
-
-
-def presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value:
-        return value.strip()
-    if scheme.lower() == "basic" and value:  # a browser's login prompt: the password is the key
-        try:
-            return base64.b64decode(value).decode().partition(":")[2] or None
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-    if request.url.path == "/" and request.query_params.get("key"):  # the page, opened from a link with its key
-        return request.query_params["key"]
-    return None
-
-
 api = FastAPI(title="bicascade", description="Text-to-image search with a bi-encoder cascade", version="0.2.0",
               docs_url=None, redoc_url=None, openapi_url=None)  # the schema is served behind the key check
-
-
-def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def route_label(request: Request) -> str:
@@ -325,33 +108,15 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return refused(request, invalid_response(exc))
 
 
-def invalid_response(exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    modes = ("TextSearch", "ImageIdSearch", "ImageSearch")
-    by_mode = [e for e in errors if len(e["loc"]) > 2 and e["loc"][1] in modes]
-    if by_mode and all(e["loc"][-1] in ("query", "image_id", "image") and e["type"] in ("missing", "extra_forbidden")
-                       for e in by_mode):
-        return error(422, "give exactly one of query, image_id, image")
-    hints = {"image_url": "image_url: this server fetches nothing from the network; send the image's bytes as base64 "
-                          "in `image`",
-             "embedding_input": "embedding_input: each level embeds queries with its own model; send text or image",
-             "modality": "modality: only images are indexed (modality 'image')"}
-    for e in errors:
-        if e["loc"][-1] in hints:
-            return error(422, hints[e["loc"][-1]])
-    # a union's other branches add "query: Field required"-style noise beside the real error: report the real one
-    real = [e for e in errors if not (e["loc"][-1] in ("query", "image_id", "image")
-                                      and e["type"] in ("missing", "extra_forbidden"))]
-    parts = []
-    for e in (real or errors)[:5]:
-        loc = [str(p) for p in e["loc"][1:] if p not in ("TextSearch", "ImageIdSearch", "ImageSearch")]
-        parts.append(f"{'.'.join(loc) or 'body'}: {e['msg']}")
-    return error(422, "; ".join(dict.fromkeys(parts)) or "invalid request")
-
-
 @api.exception_handler(HTTPException)
-async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-    return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))  # keeps Allow on a 405
+async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:  # Allow names the first matching route's methods: a path may have several routes
+        path = request.url.path
+        methods = {m for r in api.routes if getattr(r, "path_regex", None) and r.path_regex.match(path)
+                   for m in getattr(r, "methods", None) or ()}
+        headers = {**(headers or {}), "Allow": ", ".join(sorted(methods))}
+    return error(exc.status_code, str(exc.detail), headers)
 
 
 CLIP_ROUTES = ("/knn-service", "/metadata")
@@ -374,44 +139,6 @@ def replica_counts() -> dict[str, int]:
     app = serve.get_replica_context().app_name
     deployments = serve.status().applications[app].deployments
     return {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
-
-
-def decode_upload(data: str) -> bytes:
-    try:
-        raw = base64.b64decode(data, validate=False)
-    except (binascii.Error, ValueError):
-        raise BadInputError("image: not base64") from None
-    if len(raw) > images.MAX_UPLOAD_BYTES:
-        raise BadInputError(f"image: over {images.MAX_UPLOAD_BYTES} bytes")
-    try:
-        images.header(raw, images.MAX_UPLOAD_PIXELS)  # size and pixels checked before anything is decoded
-    except BadInputError as e:
-        raise BadInputError(f"image: {e}") from None
-    return raw
-
-
-def client_of(request: Request, key: str | None) -> str:
-    if key:
-        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]  # never the key itself
-    return "addr:" + (request.client.host if request.client else "unknown")
-
-
-BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
-
-
-def as_enforced(node):
-    """The schema pydantic writes, made to say what pydantic enforces, so clients and fuzzers see it: the bounds of
-    an optional constrained type (`Int | None = Field(ge=1)`) come out as `ge`/`le`, which no JSON Schema reader
-    knows, and a dict with constrained keys (`patternProperties`) does not say that other keys are refused."""
-    if isinstance(node, dict):
-        typed = node.get("type") in ("integer", "number")
-        out = {(BOUNDS.get(k, k) if typed else k): as_enforced(v) for k, v in node.items()}
-        if "patternProperties" in out:
-            out.setdefault("additionalProperties", False)
-        return out
-    if isinstance(node, list):
-        return [as_enforced(v) for v in node]
-    return node
 
 
 def narrow_schema(depth: int, cutoffs: list[int]) -> dict:
@@ -589,6 +316,19 @@ class Api:
                 self.thumbs[(image_id, size)] = thumb
             return Response(thumb, media_type="image/jpeg", headers=cache)
         return await self.answer("/images", request, work)
+
+    @api.delete("/images/{image_id}", responses={401: ERR, 403: ERR, 404: ERR, 422: ERR, 429: ERR, **SERVICE},
+                description="Remove an image from every table (images, level 0 and its ANN index's results, every "
+                            "cache); an admin route when keys are on. Other replicas stop returning it within "
+                            "the corpus refresh (5 s).")
+    async def remove(self, request: Request, image_id: str = PathParam(pattern=ID)) -> Response:
+        async def work():
+            removed = await asyncio.to_thread(self.router.remove, [image_id])
+            if not removed.get(tables.IMAGES, 0):
+                return error(404, f"no image with id {image_id!r}")
+            self.thumbs = {k: v for k, v in self.thumbs.items() if k[0] != image_id}
+            return JSONResponse({"removed": removed})
+        return await self.answer("/images", request, work, admin=self.keys is not None)
 
     async def flush(self) -> int:
         """Not an HTTP route: `bicascade serve` calls it on shutdown so no computed embedding is lost."""

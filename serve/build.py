@@ -20,7 +20,8 @@ from bicascade.cascade import default_cutoffs, validate
 from bicascade.errors import BadInputError, BicascadeError
 from bicascade.levels import LevelInfo, ResolvedLadder
 from bicascade.query import open_ladder
-from bicascade.serve.app import Api, AppConfig, Keys
+from bicascade.serve.access import Keys
+from bicascade.serve.app import Api, AppConfig
 from bicascade.storage import tables
 
 CONFIG_YAML = Path(__file__).with_name("config.yaml")

@@ -13,7 +13,8 @@ from ray import serve
 
 from bicascade import runtime
 from bicascade.errors import BadInputError
-from bicascade.serve.app import AppConfig, Keys
+from bicascade.serve.access import Keys
+from bicascade.serve.app import AppConfig
 from bicascade.serve.build import build, runtime_env
 
 log = logging.getLogger("bicascade")

@@ -48,9 +48,9 @@ def test_pipelines_never_import_actors_serve_or_the_cli():
 
 def test_the_query_core_imports_no_ray_and_only_storage_imports_lancedb():
     g = graph()
-    core = [m for m in g if m in ("bicascade.query", "bicascade.cascade", "bicascade.protocol", "bicascade.levels", "bicascade.models",
-                                  "bicascade.costs",
-                                  "bicascade.images", "bicascade.ladders", "bicascade.errors")
+    core = [m for m in g if m in ("bicascade.query", "bicascade.cascade", "bicascade.protocol", "bicascade.levels",
+                                  "bicascade.models", "bicascade.costs", "bicascade.images", "bicascade.ladders",
+                                  "bicascade.errors")
             or m.startswith(("bicascade.storage", "bicascade.pipelines.measure"))]
     for mod in core:
         assert not {d for d in g[mod] if d.split(".")[0] == "ray"}, f"{mod} imports ray"

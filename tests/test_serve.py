@@ -9,8 +9,11 @@ from ray import serve
 import bicascade
 from bicascade import models, query
 from bicascade.actors.router import writer_name
-from bicascade.serve.app import MAX_BODY_BYTES, MAX_UPLOAD_B64, AppConfig
+from bicascade.serve.app import AppConfig
+from bicascade.serve.schema import MAX_BODY_BYTES, MAX_UPLOAD_B64
 from bicascade.storage import tables
+
+from conftest import verified
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 QUERIES = ["a red circle", "two blue squares side by side", "a small green star above a striped triangle"]
@@ -150,6 +153,25 @@ def test_health_and_stats(url, corpus):
     for j, info in enumerate(infos[1:], start=1):
         ids = db.column(tables.emb_table(info.fingerprint), "id")
         assert len(ids) == len(set(ids)) == stats["levels"][j]["cached"]
+
+
+def test_an_image_deleted_over_http_is_gone_from_every_table_and_every_answer(url, corpus):
+    found = post(url, {"query": "two red circles", "k": 5}).json()["results"]
+    victim = found[0]["id"]
+    r = requests.delete(f"{url}/images/{victim}", timeout=60)
+    assert r.status_code == 200, r.text
+    removed = r.json()["removed"]
+    assert removed[tables.IMAGES] == 1 and sum(removed.values()) >= 3  # images, sources, level 0 (+ caches)
+    again = post(url, {"query": "two red circles", "k": 5}).json()["results"]
+    assert victim not in [x["id"] for x in again] and [x["id"] for x in again[:4]] == [x["id"] for x in found[1:5]]
+    assert requests.get(f"{url}/images/{victim}", timeout=30).status_code == 404
+    assert post(url, {"image_id": victim}).status_code == 404
+    assert requests.delete(f"{url}/images/{victim}", timeout=30).status_code == 404
+    assert requests.delete(f"{url}/images/..%2Fetc", timeout=30).status_code in (404, 422)
+    serve.get_app_handle("bicascade").options(method_name="flush").remote().result()
+    db = tables.Database(corpus)
+    assert all(victim not in db.ids(n) for n in db.names() if n.startswith("emb_") or n == tables.IMAGES)
+    verified(corpus)
 
 
 def test_config_yaml_is_a_valid_serve_config_for_the_app():
