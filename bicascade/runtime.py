@@ -53,12 +53,13 @@ def connect(runtime_env: dict | None = None, dashboard: bool = False, **kwargs: 
     ray.init(runtime_env=env, **(opts | kwargs))
 
 
-FORWARDED = ("AWS_", "BICASCADE_", "GOOGLE_", "AZURE_")  # storage credentials and endpoints, the project's settings
+FORWARDED = ("AWS_", "BICASCADE_", "GOOGLE_", "AZURE_", "HF_")
 
 
 def forwarded() -> dict[str, str]:
     """The variables a job's workers need from the process that submits it: where and how to reach the database
-    (object-store credentials and endpoints) and bicascade's own settings."""
+    (object-store credentials and endpoints), bicascade's own settings, and the model hub's (HF_HOME, its cache;
+    HF_HUB_OFFLINE; a token)."""
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
 
 
