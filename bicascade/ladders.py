@@ -13,42 +13,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import open_clip
-
-from bicascade import costs, models
-from bicascade.errors import BadInputError, UnknownNameError
+from bicascade import costs, kinds, models
+from bicascade.errors import BadInputError
 
 log = logging.getLogger("bicascade")
 
 
-def _arch(arch: str, level: str) -> str:
-    if arch.startswith(models.HF_HUB) or arch in open_clip.list_models():
-        return arch
-    near = [a for a in open_clip.list_models() if a.lower().startswith(arch.lower()[:5])][:8]
-    raise UnknownNameError(f"level {level!r}: open_clip has no architecture {arch!r}"
-                           + (f" (similar: {', '.join(near)})" if near else "; see open_clip.list_models()"))
-
-
 def parse_level(text: str, ladder: str, j: int) -> models.ModelSpec:
-    """One LEVEL string -> a model spec named `<ladder>/<arch>` (`<ladder>/<arch>-p<percent>` with #keep=F)."""
+    """One LEVEL string -> a model spec named `<ladder>/<arch>` (`<ladder>/<arch>-p<percent>` with #keep=F); its
+    syntax is its kind's (bicascade.kinds)."""
     text = text.strip()
     base, sep, keep = text.rpartition("#keep=")
     if sep:
         return keeping(parse_level(base, ladder, j), keep, f"level {text!r}")
-    if text.startswith(models.HF_HUB):
-        return models.ModelSpec(_name(ladder, text), text)
-    if "=" in text:
-        arch, path = text.split("=", 1)
-        path = str(Path(path).expanduser().resolve())
-        return models.ModelSpec(_name(ladder, arch), _arch(arch, text), checkpoint=path)
-    if "@" in text:
-        arch, tag = text.split("@", 1)
-        tags = open_clip.list_pretrained_tags_by_model(_arch(arch, text))
-        if tag not in tags:
-            raise UnknownNameError(f"level {text!r}: open_clip knows no pretrained tag {tag!r} for {arch} "
-                                   f"(known: {', '.join(tags) or 'none'})")
-        return models.ModelSpec(_name(ladder, arch), arch, pretrained=tag)
-    return models.ModelSpec(_name(ladder, text), _arch(text, text), seed=j)
+    _, fields = kinds.parse(text, j)
+    return models.ModelSpec(_name(ladder, fields["arch"]), **fields)
 
 
 def keeping(spec: models.ModelSpec, keep: object, where: str) -> models.ModelSpec:
@@ -147,13 +126,8 @@ class LadderDoc:
 
 
 def _weights(spec: models.ModelSpec) -> str:
-    if spec.checkpoint:
-        return spec.checkpoint
-    if spec.pretrained:
-        return f"open_clip:{spec.pretrained}"
-    if spec.arch.startswith(models.HF_HUB):
-        return spec.arch
-    return f"random (seed {spec.seed})"
+    kind = kinds.of(spec)
+    return (kind.label or kind.weights)(spec)
 
 
 def describe(name: str, specs: Sequence[models.ModelSpec], shared: bool, description: str = "") -> LadderDoc:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One registry entry: an open_clip architecture (or `hf-hub:ORG/REPO`) plus where its weights come from."""
+    """One registry entry: an open_clip architecture (or `hf-hub:ORG/REPO`) plus where its weights come from (which
+    of the fields below is set decides its kind: bicascade.kinds)."""
 
     name: str
     arch: str
@@ -16,6 +17,8 @@ class ModelSpec:
     checkpoint: str | None = None  # local state-dict or open_clip checkpoint; takes precedence over `pretrained`
     seed: int | None = None  # random weights from this seed (tests only): a bare ARCH level
     keep_patches: float | None = None  # a ViT on this fixed fraction of its patch tokens: a cheaper, untrained level
+    kind: str | None = None  # a level kind registered beyond the built-in ones (bicascade.kinds), by name
+    source: str | None = None  # that kind's own argument (a path, a URL, ...)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import open_clip
 import torch
 from PIL import Image
 
+from bicascade import kinds
 from bicascade.errors import BadInputError, MissingWeightsError, UnknownNameError
 from bicascade.images import Preprocessor
 from bicascade.levels import ModelSpec  # the registry's entries; `models.ModelSpec` is the public name
@@ -284,25 +285,14 @@ def _checkpoint_path(spec: ModelSpec) -> str:
     return path
 
 
-def weights_identity(spec: ModelSpec, seed: int | None = None) -> str:
-    if spec.checkpoint:
-        path = _checkpoint_path(spec)
-        st = os.stat(path)
-        return "sha256:" + _file_sha256(path, st.st_size, st.st_mtime_ns)
-    seed = spec.seed if seed is None else seed
-    if seed is not None:
-        return f"random:{seed}"
-    if spec.pretrained:
-        return f"open_clip:{spec.arch}:{spec.pretrained}"
-    if spec.arch.startswith(HF_HUB):
-        return spec.arch
-    raise MissingWeightsError(f"model {spec.name!r} has neither a checkpoint nor a pretrained tag; "
-                              "give it a checkpoint (ARCH=PATH) or a tag (ARCH@TAG)")
+def weights_identity(spec: ModelSpec) -> str:
+    """What the level's weights are, as its fingerprint hashes them (its kind decides)."""
+    return kinds.of(spec).weights(spec)
 
 
-def fingerprint(spec: ModelSpec, preprocess_cfg: dict, seed: int | None = None) -> str:
+def fingerprint(spec: ModelSpec, preprocess_cfg: dict) -> str:
     """Hash of architecture + weights + preprocessing: changed weights never reuse stale embeddings."""
-    doc = {"arch": model_config(spec.arch), "weights": weights_identity(spec, seed), "preprocess": preprocess_cfg}
+    doc = {"arch": model_config(spec.arch), "weights": weights_identity(spec), "preprocess": preprocess_cfg}
     if spec.keep_patches is not None:
         doc["keep_patches"] = spec.keep_patches
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -388,39 +378,104 @@ def fit_checkpoint(model: torch.nn.Module, spec: ModelSpec) -> None:
                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def build_model(spec: ModelSpec, seed: int | None = None) -> torch.nn.Module:
-    """The model of `spec` with its weights (fp32, CPU): its checkpoint, else its pretrained tag or hub repo;
-    `seed` gives random weights."""
-    if spec.checkpoint:
-        model = create(spec.arch, keep_patches=spec.keep_patches)
-        fit_checkpoint(model, spec)
-        return model
-    seed = spec.seed if seed is None else seed
-    if seed is not None:
-        torch.manual_seed(seed)
-        return create(spec.arch, keep_patches=spec.keep_patches)
-    if spec.pretrained or spec.arch.startswith(HF_HUB):
-        hub = spec.arch.startswith(HF_HUB)
-        where = spec.arch if hub else f"{spec.arch}@{spec.pretrained}"
-        try:
-            with quiet_open_clip(), _offline_unless_reachable():
-                return open_clip.create_model(spec.arch, pretrained=spec.pretrained, require_pretrained=True)
-        except Exception as e:  # offline hub, unknown tag...: say what to do instead
-            why = ("the model hub is unreachable from this machine and the weights are not in its local cache"
-                   if not hub_reachable() else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            raise MissingWeightsError(f"cannot load pretrained weights {where}: {why}; use a local checkpoint "
-                                      f"instead: {'ARCH' if hub else spec.arch}=PATH") from None
-    raise MissingWeightsError(f"model {spec.name!r} has no weights: give it a checkpoint or a pretrained tag")
+def build_model(spec: ModelSpec) -> torch.nn.Module:
+    """The model of `spec` with its weights (fp32, CPU), as its kind builds it."""
+    return kinds.of(spec).build(spec)
 
 
 def preflight(spec: ModelSpec) -> None:
-    """Fail here, in one clear line, rather than inside a worker: the weights of `spec` can be had. Checkpoints are
-    checked by hashing them (fingerprints do that anyway); hub weights are loaded when the hub is unreachable
-    (then only a local copy can serve, and a missing one fails at once)."""
-    if spec.checkpoint:
-        weights_identity(spec)
-    elif (spec.pretrained or spec.arch.startswith(HF_HUB)) and not hub_reachable():
+    """Fail here, in one clear line, rather than inside a worker: the weights of `spec` can be had."""
+    kind = kinds.of(spec)
+    (kind.check or kind.weights)(spec)
+
+
+# --- the built-in level kinds ------------------------------------------------------------------------------------
+
+def check_arch(arch: str, level: str) -> str:
+    """`arch` if open_clip has it (or it is a hub model), else an error naming similar ones."""
+    if arch.startswith(HF_HUB) or arch in open_clip.list_models():
+        return arch
+    near = [a for a in open_clip.list_models() if a.lower().startswith(arch.lower()[:5])][:8]
+    raise UnknownNameError(f"level {level!r}: open_clip has no architecture {arch!r}"
+                           + (f" (similar: {', '.join(near)})" if near else "; see open_clip.list_models()"))
+
+
+def _checkpoint_parse(text: str, j: int) -> dict | None:
+    if "=" not in text:
+        return None
+    arch, path = text.split("=", 1)
+    return {"arch": check_arch(arch, text), "checkpoint": str(Path(path).expanduser().resolve())}
+
+
+def _checkpoint_weights(spec: ModelSpec) -> str:
+    path = _checkpoint_path(spec)
+    st = os.stat(path)
+    return "sha256:" + _file_sha256(path, st.st_size, st.st_mtime_ns)
+
+
+def _checkpoint_build(spec: ModelSpec) -> torch.nn.Module:
+    model = create(spec.arch, keep_patches=spec.keep_patches)
+    fit_checkpoint(model, spec)
+    return model
+
+
+def _random_build(spec: ModelSpec) -> torch.nn.Module:
+    torch.manual_seed(spec.seed)
+    return create(spec.arch, keep_patches=spec.keep_patches)
+
+
+def _pretrained_parse(text: str, j: int) -> dict | None:
+    if "@" not in text:
+        return None
+    arch, tag = text.split("@", 1)
+    tags = open_clip.list_pretrained_tags_by_model(check_arch(arch, text))
+    if tag not in tags:
+        raise UnknownNameError(f"level {text!r}: open_clip knows no pretrained tag {tag!r} for {arch} "
+                               f"(known: {', '.join(tags) or 'none'})")
+    return {"arch": arch, "pretrained": tag}
+
+
+def _hub_build(spec: ModelSpec) -> torch.nn.Module:
+    """Pretrained tags and hf-hub models: open_clip downloads them, or reads its local cache when offline."""
+    hub = spec.arch.startswith(HF_HUB)
+    where = spec.arch if hub else f"{spec.arch}@{spec.pretrained}"
+    try:
+        with quiet_open_clip(), _offline_unless_reachable():
+            return open_clip.create_model(spec.arch, pretrained=spec.pretrained, require_pretrained=True)
+    except Exception as e:  # offline hub, unknown tag...: say what to do instead
+        why = ("the model hub is unreachable from this machine and the weights are not in its local cache"
+               if not hub_reachable() else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        raise MissingWeightsError(f"cannot load pretrained weights {where}: {why}; use a local checkpoint "
+                                  f"instead: {'ARCH' if hub else spec.arch}=PATH") from None
+
+
+def _hub_check(spec: ModelSpec) -> None:
+    """Without a reachable hub only a local copy can serve: load it now, so a missing one fails at once."""
+    if not hub_reachable():
         build_model(spec)
+
+
+def _builtin(spec: ModelSpec) -> bool:
+    return spec.kind is None
+
+
+# parsed in this order (the first syntax that matches); a spec's kind is the one whose fields it sets
+kinds.register(kinds.Kind(
+    "hf-hub", "hf-hub:ORG/REPO", parse=lambda text, j: {"arch": text} if text.startswith(HF_HUB) else None,
+    weights=lambda spec: spec.arch, build=_hub_build, check=_hub_check,
+    owns=lambda s: _builtin(s) and s.arch.startswith(HF_HUB) and not (s.checkpoint or s.pretrained)
+    and s.seed is None))
+kinds.register(kinds.Kind(
+    "checkpoint", "ARCH=PATH", parse=_checkpoint_parse, weights=_checkpoint_weights, build=_checkpoint_build,
+    label=lambda spec: spec.checkpoint, owns=lambda s: _builtin(s) and bool(s.checkpoint)))
+kinds.register(kinds.Kind(
+    "pretrained", "ARCH@TAG", parse=_pretrained_parse, weights=lambda s: f"open_clip:{s.arch}:{s.pretrained}",
+    build=_hub_build, check=_hub_check, label=lambda s: f"open_clip:{s.pretrained}",
+    owns=lambda s: _builtin(s) and bool(s.pretrained) and not s.checkpoint and s.seed is None))
+kinds.register(kinds.Kind(
+    "random", "ARCH", parse=lambda text, j: {"arch": check_arch(text, text), "seed": j},
+    weights=lambda s: f"random:{s.seed}", build=_random_build, label=lambda s: f"random (seed {s.seed})",
+    owns=lambda s: _builtin(s) and not s.checkpoint and s.seed is not None))
 
 
 @dataclass
@@ -468,14 +523,15 @@ class LoadedModel:
 def load_model(name: str | ModelSpec, device: str | None = None, seed: int | None = None) -> LoadedModel:
     """Load a model for inference on the best device (bf16/fp16 on a GPU): see `build_model` for the weights."""
     spec = name if isinstance(name, ModelSpec) else get_model(name)
+    if seed is not None and not spec.checkpoint:  # random weights instead of the hub's (costs --measure, tests)
+        spec = replace(spec, seed=seed, pretrained=None)
     dev, dtype = pick_device(device)
-    seed = None if spec.checkpoint else seed
-    model = build_model(spec, seed=seed)
+    model = build_model(spec)
     model.eval().to(device=dev, dtype=dtype)
     pp_cfg = open_clip.get_model_preprocess_cfg(model)
     return LoadedModel(spec=spec, model=model, preprocess=Preprocessor(pp_cfg),
                        tokenizer=open_clip.get_tokenizer(spec.arch), device=dev, dtype=dtype,
-                       fingerprint=fingerprint(spec, pp_cfg, seed))
+                       fingerprint=fingerprint(spec, pp_cfg))
 
 
 def save_checkpoint(weights: torch.nn.Module | dict[str, torch.Tensor], path: str | Path) -> Path:

@@ -1,5 +1,6 @@
 """Ladders from the command line: LEVEL strings, YAML files, validation on add, show/list/remove, offline hub tags."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,49 @@ def test_an_offline_hub_tag_fails_in_one_line(monkeypatch):
     assert r.returncode == 2 and r.stdout == ""
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "model hub is unreachable" in lines[0] and "ViT-B-16=PATH" in lines[0], r.stderr
+
+
+def test_a_new_level_kind_is_one_registration(tmp_path, monkeypatch):
+    """Weights from a NumPy .npz file: its syntax, build, fingerprint and label defined here, in one place, and the
+    kind then works everywhere a level goes (parse, load, describe, fingerprints)."""
+    import hashlib
+
+    import numpy as np
+
+    from bicascade import kinds
+
+    monkeypatch.setattr(kinds, "_KINDS", kinds.known())  # this test's kind leaves with it
+    torch.manual_seed(0)
+    model = models.create("bc-tiny-s")
+    path = tmp_path / "weights.npz"
+    np.savez(path, **{k: v.numpy() for k, v in model.state_dict().items()})
+
+    def parse(text, j):
+        if not text.startswith("npz:"):
+            return None
+        arch, file = text.removeprefix("npz:").split("=", 1)
+        return {"arch": models.check_arch(arch, text), "kind": "npz", "source": str(Path(file).resolve())}
+
+    def build(spec):
+        m = models.create(spec.arch)
+        m.load_state_dict({k: torch.from_numpy(v) for k, v in np.load(spec.source).items()})
+        return m
+
+    npz = kinds.register(kinds.Kind("npz", "npz:ARCH=PATH", parse=parse, build=build,
+                                    weights=lambda s: "npz:" + hashlib.sha256(Path(s.source).read_bytes()).hexdigest()),
+                         first=True)
+    spec = ladders.parse_level(f"npz:bc-tiny-s={path}", "x", 0)
+    assert (spec.name, spec.kind, spec.source) == ("x/bc-tiny-s", "npz", str(path)) and kinds.of(spec) is npz
+    loaded = models.load_model(spec, device="cpu")
+    texts = ["a red circle", "two blue squares"]
+    ckpt = models.save_checkpoint(model, tmp_path / "same.pt")  # the same weights, loaded the built-in way
+    reference = models.load_model(ladders.parse_level(f"bc-tiny-s={ckpt}", "x", 0), device="cpu")
+    assert np.allclose(loaded.encode_texts(texts), reference.encode_texts(texts), atol=1e-6)
+    doc = ladders.describe("x", [spec], False)
+    assert doc.levels[0].weights.startswith("npz:") and doc.levels[0].fingerprint == loaded.fingerprint
+    assert loaded.fingerprint != reference.fingerprint  # another kind of weights is another table
+    np.savez(path, **{k: (v * 0.5).numpy() for k, v in model.state_dict().items()})
+    assert models.load_model(spec, device="cpu").fingerprint != loaded.fingerprint  # new bytes, new fingerprint
+    monkeypatch.setattr(kinds, "_KINDS", [k for k in kinds.known() if k.name != "npz"])
+    with pytest.raises(UnknownNameError, match="no level kind 'npz' is registered"):
+        models.load_model(spec, device="cpu")
