@@ -14,21 +14,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from build import measure
 from common import Client, emit, free_port, load, pct
 
-from bicascade import ladders, models, query
+from bicascade import ladders, query, registry
 from bicascade.pipelines.ingest import index
 from bicascade.pipelines.lab import world
 from bicascade.serve import server
 from bicascade.serve.app import AppConfig
+from build import measure
 
 INDEX_LADDER = ("gpu-vit-b-16", ["ViT-B-16"])
 SERVE_LADDER = ("gpu-vit", ["ViT-B-32", "ViT-B-16", "ViT-L-14"])
 
 
 def ensure(name: str, archs: list[str]) -> query.ResolvedLadder:
-    if name not in {ladder.name for ladder in models.list_ladders()}:
+    if name not in {ladder.name for ladder in registry.list_ladders()}:
         ladders.add(name, [ladders.parse_level(a, name, j) for j, a in enumerate(archs)])
     return query.registered(name)
 

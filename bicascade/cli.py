@@ -80,13 +80,13 @@ def cmd_costs(args: argparse.Namespace) -> None:
 
 
 def cmd_ladders(args: argparse.Namespace) -> None:
-    from bicascade import models
+    from bicascade import registry
     from bicascade.pipelines.lab import train
 
     made = {c["name"]: c for c in train.catalog()}
     rows = []
-    for ladder in models.list_ladders():
-        kind = "built-in" if models.is_builtin(ladder.name) else "trainable" if ladder.name in made else "user"
+    for ladder in registry.list_ladders():
+        kind = "built-in" if registry.is_builtin(ladder.name) else "trainable" if ladder.name in made else "user"
         row = {"name": ladder.name, "levels": list(ladder.levels), "shared_text_tower": ladder.shared_text_tower,
                "kind": kind}
         rows.append(row | ({"ready": made[ladder.name]["ready"], "make": made[ladder.name]["make"]}
@@ -120,20 +120,20 @@ def cmd_ladders_show(args: argparse.Namespace) -> None:
 
 
 def cmd_ladders_remove(args: argparse.Namespace) -> None:
-    from bicascade import models
+    from bicascade import registry
 
-    path = models.remove_ladder(args.name)
+    path = registry.remove_ladder(args.name)
     emit(args, {"removed": args.name, "file": str(path)}, lambda d: f"removed ladder {d['removed']} ({d['file']})")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from bicascade import models
+    from bicascade import registry
     from bicascade.pipelines.lab import train
 
     t0 = time.perf_counter()
     ladder, root = train.ensure_ladder(args.ladder, args.world, device=args.device)
     doc = {"ladder": ladder.name, "levels": list(ladder.levels), "world": str(root),
-           "checkpoints": [models.get_model(n).checkpoint for n in ladder.levels],
+           "checkpoints": [registry.get_model(n).checkpoint for n in ladder.levels],
            "seconds": round(time.perf_counter() - t0, 1)}
     emit(args, doc, lambda d: f"ladder {d['ladder']} ready in {d['seconds']} s: " + " -> ".join(d["levels"]))
 

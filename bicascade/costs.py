@@ -10,12 +10,12 @@ from functools import cache
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bicascade import models
+from bicascade import models, registry
 from bicascade.cascade import DEFAULT_CUTOFFS, f_latency, f_life
 
 
 def _spec(model: str | models.ModelSpec) -> models.ModelSpec:
-    return model if isinstance(model, models.ModelSpec) else models.get_model(model)
+    return model if isinstance(model, models.ModelSpec) else registry.get_model(model)
 
 
 def _gflops(arch: str, run: Callable[[torch.nn.Module], object], keep_patches: float | None = None) -> float:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bicascade import costs, kinds, models
+from bicascade import costs, kinds, models, registry
 from bicascade.errors import BadInputError
 
 log = logging.getLogger("bicascade")
@@ -143,7 +143,7 @@ def add(name: str, specs: Sequence[models.ModelSpec], description: str = "") -> 
     """Validate every level (its weights load into its architecture), then save the ladder."""
     if not name or "/" in name or name.startswith("."):
         raise BadInputError(f"bad ladder name {name!r}")
-    if name in {ladder.name for ladder in models.list_ladders()}:
+    if name in {ladder.name for ladder in registry.list_ladders()}:
         raise BadInputError(f"ladder {name!r} exists: `bicascade ladders remove {name}` first, or choose another name")
     if not specs:
         raise BadInputError("a ladder needs at least one level")
@@ -158,11 +158,11 @@ def add(name: str, specs: Sequence[models.ModelSpec], description: str = "") -> 
                                 f"{gflops[j]:.3f} GFLOPs, level {j - 1} {specs[j - 1].arch} {gflops[j - 1]:.3f}")
     towers = {models.text_identity(s) for s in specs}
     shared = len(specs) > 1 and len(towers) == 1
-    ladder = models.Ladder(name, tuple(s.name for s in specs), shared_text_tower=shared, description=description)
-    models.save_ladder(ladder, specs)
+    ladder = registry.Ladder(name, tuple(s.name for s in specs), shared_text_tower=shared, description=description)
+    registry.save_ladder(ladder, specs)
     return describe(name, specs, shared, description)
 
 
 def show(name: str) -> LadderDoc:
-    ladder = models.get_ladder(name)
-    return describe(name, [models.get_model(n) for n in ladder.levels], ladder.shared_text_tower, ladder.description)
+    ladder = registry.get_ladder(name)
+    return describe(name, [registry.get_model(n) for n in ladder.levels], ladder.shared_text_tower, ladder.description)

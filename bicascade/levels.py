@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+HF_HUB = "hf-hub:"  # open_clip's prefix of a Hugging Face hub model
+
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from bicascade import costs, images, models
+from bicascade import costs, images, models, registry
 from bicascade.cascade import Cascade, Level, default_cutoffs, validate
 from bicascade.errors import BadInputError, MissingWeightsError, NotIndexedError
 from bicascade.levels import LevelInfo, ResolvedLadder
@@ -34,8 +34,8 @@ def level_infos(specs: Sequence[models.ModelSpec]) -> list[LevelInfo]:
 
 
 def registered(name: str) -> ResolvedLadder:
-    ladder = models.get_ladder(name)
-    return ResolvedLadder(ladder.name, level_infos([models.get_model(n) for n in ladder.levels]))
+    ladder = registry.get_ladder(name)
+    return ResolvedLadder(ladder.name, level_infos([registry.get_model(n) for n in ladder.levels]))
 
 
 def recorded(db: tables.Database) -> ResolvedLadder | None:

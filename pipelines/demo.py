@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from bicascade import costs, models, query
+from bicascade import costs, query, registry
 from bicascade.pipelines.ingest import index
 from bicascade.pipelines.lab import train
 from bicascade.pipelines.measure import evaluate, simulate
@@ -52,7 +52,7 @@ def run(workdir: str | Path = "work", ladder: str = train.SYNTHETIC) -> DemoRepo
     log.info("step 3/5: recall per level and per cascade on the held-out test captions")
     recall = evaluate.evaluate(evaluate.world_heldout(root), resolved, db=db)
     log.info("step 4/5: cost model of the paper's ladders (FLOPs counted on the real architectures)")
-    paper = {name: costs.cascade_report(costs.ladder_cascades(models.get_ladder(name).levels))
+    paper = {name: costs.cascade_report(costs.ladder_cascades(registry.get_ladder(name).levels))
              for name in ("openclip-vit", "openclip-convnext")}
     log.info("step 5/5: a short p-small-world query stream through the cascade (p = 0.1), with a report")
     sim = simulate.simulate(db, resolved, root, simulate.SimConfig(queries=2000), report_dir=workdir / "report")

@@ -16,7 +16,7 @@ import pytest
 import ray
 from PIL import Image
 
-from bicascade import images, models, query
+from bicascade import images, models, query, registry
 from bicascade.errors import BadInputError, MissingWeightsError
 from bicascade.pipelines.ingest import index
 from bicascade.pipelines.lab import train
@@ -116,7 +116,7 @@ def test_decode_batch_pads_bad_rows_to_the_model_size(tmp_path, size):
     # open_clip reports an int size for ResNet towers (the default ladder) and a pair for ViTs
     save(picture(1), tmp_path / "ok.png")
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    cfg = {**models.describe(models.get_model(train.level_names(train.PROFILES[LADDER])[0]))[0], "size": size}
+    cfg = {**models.describe(registry.get_model(train.level_names(train.PROFILES[LADDER])[0]))[0], "size": size}
     uris = np.array([str(tmp_path / "ok.png"), str(tmp_path / "bad.jpg")])
     out = index.decode_batch({"uri": uris}, cfg, set(), set())
     assert out["pixels"].shape == (2, 32, 32, 3) and out["pixels"].dtype == np.uint8
@@ -129,7 +129,7 @@ def test_vectors_match_the_model(tmp_path):
     paths = [save(picture(i), corpus / f"{i}.png") for i in range(5)]
     doc = index.run_index(str(corpus), str(tmp_path / "db"), LADDER)
     rows = {r["id"]: np.array(r["vector"]) for r in read(str(tmp_path / "db"), doc.table)}
-    model = models.load_model(models.get_model(train.level_names(train.PROFILES[LADDER])[0]), device="cpu")
+    model = models.load_model(registry.get_model(train.level_names(train.PROFILES[LADDER])[0]), device="cpu")
     expect = model.encode_images([Image.open(p).convert("RGB") for p in paths])
     for p, e in zip(paths, expect):
         np.testing.assert_allclose(rows[images.content_id(p.read_bytes())], e, atol=1e-5)
@@ -189,14 +189,14 @@ def test_a_new_database_needs_a_ladder_and_then_remembers_it(tmp_path):
     assert not os.path.exists(os.path.join(db, f"{tables.IMAGES}.lance"))
     index.run_index(str(corpus), db, LADDER)
     remembered = query.open_ladder(tables.Database(db), None)
-    assert remembered.name == LADDER and remembered.names == list(models.get_ladder(LADDER).levels)
+    assert remembered.name == LADDER and remembered.names == list(registry.get_ladder(LADDER).levels)
     # a ladder with another level 0 is refused, saying what to do instead
-    models.register_ladder(models.Ladder("other-level0", (models.get_ladder(LADDER).levels[1],)))
+    registry.register_ladder(registry.Ladder("other-level0", (registry.get_ladder(LADDER).levels[1],)))
     with pytest.raises(BadInputError, match="index into a new database, or use a ladder whose level 0"):
         index.run_index(str(corpus), db, "other-level0")
     # the same level 0 under other upper levels is allowed, and becomes the database's ladder
-    levels = models.get_ladder(LADDER).levels
-    models.register_ladder(models.Ladder("same-level0", (levels[0], levels[2])))
+    levels = registry.get_ladder(LADDER).levels
+    registry.register_ladder(registry.Ladder("same-level0", (levels[0], levels[2])))
     assert index.run_index(str(corpus), db, "same-level0").new_rows == 0
     assert query.open_ladder(tables.Database(db), None).names == [levels[0], levels[2]]
 
@@ -238,14 +238,14 @@ def test_changed_weights_key_a_new_table_and_a_recorded_checkpoint_must_not_chan
         picture(i).save(corpus / f"{i}.png")
     db = str(tmp_path / "db")
     first = index.run_index(str(corpus), str(tmp_path / "db0"), LADDER)
-    spec = models.get_model(train.level_names(train.PROFILES[LADDER])[0])
+    spec = registry.get_model(train.level_names(train.PROFILES[LADDER])[0])
     loaded = models.load_model(spec, device="cpu")
     import torch
     with torch.no_grad():
         loaded.model.visual.proj.mul_(-1)
     ckpt = models.save_checkpoint(loaded.model, tmp_path / "changed.pt")
-    models.register_model(models.ModelSpec("changed", spec.arch, checkpoint=str(ckpt)))
-    models.register_ladder(models.Ladder("changed-ladder", ("changed",)))
+    registry.register_model(models.ModelSpec("changed", spec.arch, checkpoint=str(ckpt)))
+    registry.register_ladder(registry.Ladder("changed-ladder", ("changed",)))
     second = index.run_index(str(corpus), db, "changed-ladder")
     assert second.table != first.table and second.rows == 3
     with torch.no_grad():  # the recorded checkpoint is overwritten with other weights: a clear error, not stale vectors

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bicascade import ladders, models
+from bicascade import ladders, models, registry
 from bicascade.errors import BadInputError, MissingWeightsError, UnknownNameError
 
 from conftest import cli, cli_json
@@ -48,9 +48,9 @@ def test_add_validates_saves_and_compares_text_towers(checkpoints):
     assert shared.shared_text_tower and [lv.arch for lv in shared.levels] == ["bc-tiny-s", "bc-tiny-l"]
     assert shared.levels[0].gflops < shared.levels[1].gflops and shared.levels[0].dim == 32
     assert len({lv.fingerprint for lv in shared.levels}) == 2
-    models._LADDERS.pop("pair")  # another process sees it from the file
-    assert models.get_ladder("pair").levels == ("pair/bc-tiny-s", "pair/bc-tiny-l")
-    assert models.text_encoders(models.get_ladder("pair").levels) == [0, 0]
+    registry._LADDERS.pop("pair")  # another process sees it from the file
+    assert registry.get_ladder("pair").levels == ("pair/bc-tiny-s", "pair/bc-tiny-l")
+    assert models.text_encoders(registry.get_ladder("pair").levels) == [0, 0]
     apart = ladders.add("apart", [ladders.parse_level(f"bc-tiny-s={checkpoints['small']}", "apart", 0),
                                   ladders.parse_level(f"bc-tiny-l={checkpoints['other']}", "apart", 1)])
     assert not apart.shared_text_tower
@@ -64,7 +64,7 @@ def test_add_validates_saves_and_compares_text_towers(checkpoints):
     with pytest.raises(MissingWeightsError, match="checkpoint not found"):
         ladders.add("gone", [ladders.parse_level("bc-tiny-s=/nowhere/x.pt", "gone", 0)])
     with pytest.raises(BadInputError, match="built-in"):
-        models.remove_ladder("openclip-vit")
+        registry.remove_ladder("openclip-vit")
 
 
 def test_a_level_on_a_fixed_share_of_a_users_vit_patches_is_cheaper_and_shares_the_text_tower(tmp_path):

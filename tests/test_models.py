@@ -4,22 +4,22 @@ import pytest
 import torch
 from PIL import Image
 
-from bicascade import models
+from bicascade import models, registry
 from bicascade.errors import MissingWeightsError, UnknownNameError
 
 
 def test_builtin_ladders_registered():
-    ladders = {ladder.name: ladder for ladder in models.list_ladders()}
+    ladders = {ladder.name: ladder for ladder in registry.list_ladders()}
     assert ladders["openclip-vit"].levels == ("ViT-B-16", "ViT-L-14", "ViT-g-14")
     assert ladders["openclip-convnext"].levels == ("convnext_base_w", "convnext_large_d", "convnext_xxlarge")
-    assert models.get_model("ViT-g-14").pretrained == "laion2b_s34b_b88k"
+    assert registry.get_model("ViT-g-14").pretrained == "laion2b_s34b_b88k"
 
 
 def test_unknown_names_list_known_ones():
     with pytest.raises(UnknownNameError, match="openclip-vit"):
-        models.get_ladder("nope")
+        registry.get_ladder("nope")
     with pytest.raises(UnknownNameError, match="ViT-B-16"):
-        models.get_model("not-a-model")
+        registry.get_model("not-a-model")
 
 
 def test_cpu_precision_is_fp32():
@@ -119,6 +119,6 @@ def test_pretrained_without_hub_fails_clearly(monkeypatch):
 def test_saved_ladder_is_listed(checkpoint):
     path, _ = checkpoint
     spec = models.ModelSpec("tiny-a", "bc-test-vit", checkpoint=str(path))
-    models.save_ladder(models.Ladder("derived", ("tiny-a",), shared_text_tower=True), [spec])
-    models._LADDERS.pop("derived")  # a fresh process would only see the file
-    assert models.get_ladder("derived").shared_text_tower
+    registry.save_ladder(registry.Ladder("derived", ("tiny-a",), shared_text_tower=True), [spec])
+    registry._LADDERS.pop("derived")  # a fresh process would only see the file
+    assert registry.get_ladder("derived").shared_text_tower

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bicascade import models, query
+from bicascade import models, query, registry
 from bicascade.errors import BadInputError
 from bicascade.pipelines.lab import objectives, prune, train
 from bicascade.pipelines.measure import evaluate
@@ -82,7 +82,7 @@ def test_a_self_pruned_ladder_is_cut_from_one_model_and_evaluates_with_one_text_
     ladder, root, db = pruned
     assert ladder.levels == (f"{LADDER}-d1", f"{LADDER}-d2") and ladder.shared_text_tower
     assert models.text_encoders(ladder.levels) == [0, 0]
-    prefix, full = (models.read_state_dict(models.get_model(n).checkpoint) for n in ladder.levels)
+    prefix, full = (models.read_state_dict(registry.get_model(n).checkpoint) for n in ladder.levels)
     assert all(torch.equal(v, full[k]) for k, v in prefix.items()) and len(prefix) < len(full)
     report = evaluate.evaluate(evaluate.world_heldout(root), query.registered(ladder.name), cutoffs=(50,), db=db,
                                device="cpu")
@@ -90,8 +90,8 @@ def test_a_self_pruned_ladder_is_cut_from_one_model_and_evaluates_with_one_text_
     assert report.levels[0].gflops < report.levels[1].gflops
     assert all(lv.recall["10"] > 0.1 for lv in report.levels)  # chance is 10 / 300
     # a lost prefix is cut again from the trained model, without training
-    os.unlink(models.get_model(ladder.levels[0]).checkpoint)
+    os.unlink(registry.get_model(ladder.levels[0]).checkpoint)
     monkeypatch.setattr(train, "train_level", lambda *a, **k: pytest.fail("the full model is already trained"))
     again = train.ensure_ladder(LADDER, with_world=False)[0]
     assert again == ladder
-    assert models.read_state_dict(models.get_model(ladder.levels[0]).checkpoint).keys() == prefix.keys()
+    assert models.read_state_dict(registry.get_model(ladder.levels[0]).checkpoint).keys() == prefix.keys()

@@ -13,7 +13,7 @@ import open_clip
 import pytest
 import torch
 
-from bicascade import costs, models
+from bicascade import costs, models, registry
 from bicascade.pipelines.lab import objectives, train, world
 
 SCRIPT = textwrap.dedent("""
@@ -67,8 +67,8 @@ def test_tiny_ladder_cached_and_registered(monkeypatch):
     assert again == ladder
     shutil.rmtree(root)  # a fully cached ladder does not need its world back (e.g. for indexing)
     assert train.ensure_ladder("synthetic-tiny", with_world=False) == (ladder, None) and not root.exists()
-    models._LADDERS.pop("synthetic-tiny")
-    assert models.get_ladder("synthetic-tiny").levels == ladder.levels  # persisted for other processes
+    registry._LADDERS.pop("synthetic-tiny")
+    assert registry.get_ladder("synthetic-tiny").levels == ladder.levels  # persisted for other processes
 
 
 @pytest.mark.slow
@@ -79,7 +79,7 @@ def test_shipped_weights_embed_the_world_as_trained_and_spare_a_fresh_clone_trai
     stale = shelf / "bc-tiny-s-0123456789abcdef.pt"  # what an older schedule shipped
     stale.write_bytes(b"old")
     ladder, root = train.ensure_ladder("synthetic-tiny")
-    trained = [models.get_model(n) for n in ladder.levels]
+    trained = [registry.get_model(n) for n in ladder.levels]
     shipped = train.ship("synthetic-tiny")
     assert [p.name for p in shipped] == [Path(s.checkpoint).name for s in trained] and not stale.exists()
     assert sorted(shelf.iterdir()) == sorted(shipped)
@@ -91,7 +91,7 @@ def test_shipped_weights_embed_the_world_as_trained_and_spare_a_fresh_clone_trai
     assert again.levels == ladder.levels
     captions = [c for cs in world.load_split(root, "test")[1][:100] for c in cs]
     for before, name in zip(trained, again.levels):
-        after = models.get_model(name)
+        after = registry.get_model(name)
         assert Path(after.checkpoint).parent == shelf
         tokens = open_clip.get_tokenizer(after.arch)(captions)
         old, new = (models.build_model(s).eval() for s in (before, after))

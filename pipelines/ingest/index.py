@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from bicascade import images, models, query, runtime
+from bicascade import images, models, query, registry, runtime
 from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import ResolvedLadder
 from bicascade.pipelines.ingest import sources
@@ -200,7 +200,7 @@ def resolve_ladder(db: tables.Database, ladder: str | None) -> ResolvedLadder:
     try:
         return query.open_ladder(db, ladder)
     except NotIndexedError:
-        known = ", ".join(sorted(ladder.name for ladder in models.list_ladders()))
+        known = ", ".join(sorted(ladder.name for ladder in registry.list_ladders()))
         raise BadInputError(f"{db.uri} is a new database: say which ladder embeds it with --ladder NAME (known: "
                             f"{known}; `bicascade ladders` lists them, `bicascade ladders add NAME "
                             "ARCH=CHECKPOINT ...` makes one from your own CLIP checkpoints)") from None

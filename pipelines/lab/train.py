@@ -18,7 +18,7 @@ import open_clip
 import torch
 from tqdm import tqdm
 
-from bicascade import images, models
+from bicascade import images, models, registry
 from bicascade.errors import BadInputError, MissingWeightsError, UnknownNameError
 from bicascade.pipelines.lab import prune, world
 from bicascade.pipelines.lab.objectives import (
@@ -242,7 +242,7 @@ def level_names(p: Profile) -> list[str]:
 
 def world_root(p: Profile, root: str | Path | None = None) -> Path:
     """The profile's world, written on first use (deterministic, so every process agrees on it)."""
-    return world.make_world(root or models.cache_dir() / "worlds" / p.world.digest(), p.world)
+    return world.make_world(root or registry.cache_dir() / "worlds" / p.world.digest(), p.world)
 
 
 @dataclass
@@ -273,10 +273,10 @@ def checkpoints(p: Profile, others: dict[str, list[models.ModelSpec]]) -> Checkp
 def checkpoint_path(name: str) -> Path:
     """The shipped checkpoint of that name (`models.WEIGHTS_DIR`) when the source has one, else the cache's."""
     shipped = models.WEIGHTS_DIR / name
-    return shipped if shipped.exists() else models.cache_dir() / "checkpoints" / name
+    return shipped if shipped.exists() else registry.cache_dir() / "checkpoints" / name
 
 
-def specs_of(p: Profile, planned: Checkpoints) -> tuple[models.Ladder, list[models.ModelSpec]]:
+def specs_of(p: Profile, planned: Checkpoints) -> tuple[registry.Ladder, list[models.ModelSpec]]:
     specs = [models.ModelSpec(n, a, checkpoint=str(t)) for n, a, t in zip(level_names(p), p.archs, planned.targets)]
     about = f"trained on world {p.world.digest()}"
     if planned.teacher is not None:  # the students, then the teacher itself: one text tower for the whole cascade
@@ -286,11 +286,11 @@ def specs_of(p: Profile, planned: Checkpoints) -> tuple[models.Ladder, list[mode
         about = (f"prefixes of {', '.join(map(str, prune.depths(p.archs)))} blocks of {p.archs[-1]} "
                  f"(self-pruning), one text tower; world {p.world.digest()}")
     shared = planned.teacher is not None or p.self_pruning
-    return models.Ladder(p.name, tuple(s.name for s in specs), shared_text_tower=shared, description=about), specs
+    return registry.Ladder(p.name, tuple(s.name for s in specs), shared_text_tower=shared, description=about), specs
 
 
 def ensure_ladder(name: str = SYNTHETIC, world_dir: str | Path | None = None, device: str | None = None,
-                  with_world: bool = True) -> tuple[models.Ladder, Path | None]:
+                  with_world: bool = True) -> tuple[registry.Ladder, Path | None]:
     """Train what profile `name` is missing (its teacher and start profiles first), register its ladder and return it
     with its world. With `with_world=False` a fully trained ladder comes back without writing its world (root None)."""
     p = profile(name)
@@ -301,9 +301,9 @@ def ensure_ladder(name: str = SYNTHETIC, world_dir: str | Path | None = None, de
         if PROFILES[other].world != p.world:
             raise BadInputError(f"{name} must learn from {other}'s world")
         trained = ensure_ladder(other, world_dir, device, with_world=False)[0]
-        others[other] = [models.get_model(n) for n in trained.levels]
+        others[other] = [registry.get_model(n) for n in trained.levels]
     planned = checkpoints(p, others)
-    locks = models.cache_dir() / "checkpoints"
+    locks = registry.cache_dir() / "checkpoints"
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per cache: a second process waits, then reuses the result
@@ -312,7 +312,7 @@ def ensure_ladder(name: str = SYNTHETIC, world_dir: str | Path | None = None, de
             root = world_root(p, world_dir)
             _train_missing(p, root, planned, device)
     ladder, specs = specs_of(p, planned)
-    models.save_ladder(ladder, specs)
+    registry.save_ladder(ladder, specs)
     return ladder, root
 
 
@@ -325,7 +325,7 @@ def ship(name: str = SYNTHETIC) -> list[Path]:
     captions = [c for split in ("train", "val", "test") for cs in world.load_split(root, split)[1] for c in cs]
     old = set(models.WEIGHTS_DIR.glob("*.pt"))
     shipped = []
-    for spec in map(models.get_model, ladder.levels):
+    for spec in map(registry.get_model, ladder.levels):
         sd = models.read_state_dict(spec.checkpoint)
         used = open_clip.get_tokenizer(spec.arch)(captions).unique()
         table = sd["token_embedding.weight"]
@@ -338,16 +338,16 @@ def ship(name: str = SYNTHETIC) -> list[Path]:
 
 
 def patch_ladder(p: Profile, world_dir: str | Path | None, device: str | None,
-                 with_world: bool) -> tuple[models.Ladder, Path | None]:
+                 with_world: bool) -> tuple[registry.Ladder, Path | None]:
     """Levels made without training: the start profile's top ViT on fixed fractions of its patches, then whole."""
     start, root = ensure_ladder(p.start_from, world_dir, device, with_world)
-    top = models.get_model(start.levels[-1])
+    top = registry.get_model(start.levels[-1])
     specs = [models.ModelSpec(f"{p.name}-p{round(100 * k)}", top.arch, checkpoint=top.checkpoint, keep_patches=k)
              for k in p.keep_patches] + [top]
-    ladder = models.Ladder(p.name, tuple(s.name for s in specs), shared_text_tower=True,
+    ladder = registry.Ladder(p.name, tuple(s.name for s in specs), shared_text_tower=True,
                            description=f"{top.name} on {', '.join(f'{k:.0%}' for k in p.keep_patches)} of its patch "
                                        "tokens, then all of them; one text tower, no training")
-    models.save_ladder(ladder, specs)
+    registry.save_ladder(ladder, specs)
     return ladder, root
 
 
@@ -362,7 +362,7 @@ def catalog() -> list[dict]:
                         "ready": start["ready"], "make": make_command(p)})
             continue
         try:
-            others = {o: [models.get_model(n) for n in models.get_ladder(o).levels]
+            others = {o: [registry.get_model(n) for n in registry.get_ladder(o).levels]
                       for o in filter(None, (p.teacher, p.start_from))}
             planned = checkpoints(p, others)
             ladder, _ = specs_of(p, planned)
