@@ -155,6 +155,7 @@ class LocalSearch:
     def search(self, req: SearchRequest) -> SearchResponse:
         depth = req.depth_of(len(self.by_depth))
         cascade = self.by_depth[depth]
+        validate(depth, cascade.cutoffs, req.k)  # in process, a k the cascade cannot rank is an error, not clamped
         if req.query is not None:
             vectors = cascade.text_vectors(req.query)
         elif req.image is not None:  # more like this picture: each level embeds it with its own image tower

@@ -91,10 +91,14 @@ class ImageIdSearch(Search):
     image_id: str = Field(pattern=ID, description="an indexed image: more like this")
 
 
+# what no JSON Schema type can say (these bytes are a picture) is declared, and so is the answer when they are not
+UPLOAD = {"format": "image-base64", "contentEncoding": "base64", "contentMediaType": "image/*"}
+UPLOAD_DOC = (f"base64 of an image file (JPEG, PNG, WebP, TIFF, HEIC...) up to {images.MAX_UPLOAD_BYTES} bytes and "
+              f"{images.MAX_UPLOAD_PIXELS} pixels; a string that is not such a picture is answered 422")
+
+
 class ImageSearch(Search):
-    image: str = Field(min_length=4, max_length=MAX_UPLOAD_B64, json_schema_extra={"format": "image-base64"},
-                       description=f"base64 of an image file up to {images.MAX_UPLOAD_BYTES} bytes and "
-                                   f"{images.MAX_UPLOAD_PIXELS} pixels")
+    image: str = Field(min_length=4, max_length=MAX_UPLOAD_B64, json_schema_extra=UPLOAD, description=UPLOAD_DOC)
 
 
 SearchBody = Annotated[TextSearch | ImageIdSearch | ImageSearch, Field(union_mode="left_to_right")]
@@ -145,8 +149,8 @@ class KnnRequest(BaseModel):
         {"required": ["text"], "properties": {"text": {"type": "string"}}},
         {"required": ["image"], "properties": {"image": {"type": "string"}}}]})
     text: str | None = Field(None, min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S")
-    image: str | None = Field(None, min_length=4, max_length=MAX_UPLOAD_B64,
-                              json_schema_extra={"format": "image-base64"})
+    image: str | None = Field(None, min_length=4, max_length=MAX_UPLOAD_B64, json_schema_extra=UPLOAD,
+                              description=UPLOAD_DOC)
     image_url: None = Field(None, description="not supported: send the image's bytes in `image`")
     embedding_input: None = Field(None, description="not supported: send text or image")
     modality: Literal["image"] = "image"
