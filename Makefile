@@ -35,10 +35,10 @@ demo: $(STAMP) ## run the whole system on the embedded default (DEMO_ARGS="--no-
 lint: $(STAMP) ## ruff: the rules in pyproject.toml
 	$(BIN)/ruff check .
 
-test: lint browser ## lint, then the whole test suite (what CI runs: 37 min of pytest from a fresh clone here)
+test: lint browser ## lint, then the whole test suite (what CI runs: about 33 min of pytest from a fresh clone here)
 	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
-test-fast: lint ## lint, then the tests that start no Ray and train nothing big (about 2 minutes here)
+test-fast: lint ## lint, then the tests that start no Ray and train nothing big (about 2.5 minutes here)
 	$(BIN)/python -m pytest -m "not slow and not ray" --durations=25 $(PYTEST_ARGS)
 
 mutation: $(STAMP) ## mutation testing of cascade.py, storage/cache.py, storage/filters.py against their tests (not in `make test`)
