@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from build import measure
 from common import Client, emit, free_port, load, pct
 
 from bicascade import ladders, query, registry
@@ -21,7 +22,6 @@ from bicascade.pipelines.ingest import index
 from bicascade.pipelines.lab import world
 from bicascade.serve import server
 from bicascade.serve.app import AppConfig
-from build import measure
 
 INDEX_LADDER = ("gpu-vit-b-16", ["ViT-B-16"])
 SERVE_LADDER = ("gpu-vit", ["ViT-B-32", "ViT-B-16", "ViT-L-14"])
