@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from bicascade.runtime import free_port
+from bicascade.pipelines.runtime import free_port
 
 
 def each_ingress(db: str) -> Iterator[tuple[str, str]]:

@@ -15,7 +15,7 @@ import time
 import requests
 from common import emit
 
-from bicascade.runtime import free_port
+from bicascade.pipelines.runtime import free_port
 
 
 def watch(app: str, t0: float, out: dict[str, float], done: threading.Event) -> None:
@@ -35,7 +35,7 @@ def watch(app: str, t0: float, out: dict[str, float], done: threading.Event) -> 
 def one_run(db: str) -> dict:
     from ray import serve
 
-    from bicascade import runtime
+    from bicascade.pipelines import runtime
     from bicascade.serve import server
     from bicascade.serve.app import AppConfig
     from bicascade.serve.build import build, runtime_env

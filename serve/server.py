@@ -11,8 +11,8 @@ import threading
 import ray
 from ray import serve
 
-from bicascade import runtime
 from bicascade.errors import BadInputError
+from bicascade.pipelines import runtime
 from bicascade.serve.access import Keys
 from bicascade.serve.app import AppConfig
 from bicascade.serve.build import build, runtime_env

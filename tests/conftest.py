@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from bicascade.runtime import free_port
+from bicascade.pipelines.runtime import free_port
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-# token auth off (on by default for `ray start`); keep 127.0.0.1 as the node IP (see bicascade.runtime)
+# token auth off (on by default for `ray start`); keep 127.0.0.1 as the node IP (see bicascade.pipelines.runtime)
 RAY_LOCAL = {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 SHARED: dict[str, str] = {}  # {"address": ...} while the run's cluster is up
 

@@ -91,8 +91,8 @@ def test_a_cache_writer_recycles_its_process_and_loses_nothing(tmp_path):
     Ray restarts it, the call that found it gone is retried on the new process, and every row lands once."""
     import ray
 
-    from bicascade import runtime
     from bicascade.actors.router import CacheWriter
+    from bicascade.pipelines import runtime
 
     runtime.connect()
     try:

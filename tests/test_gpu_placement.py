@@ -5,8 +5,8 @@ import ray
 import requests
 from ray import serve
 
-from bicascade import runtime
 from bicascade.levels import LevelInfo, ModelSpec
+from bicascade.pipelines import runtime
 from bicascade.serve import build, server
 from bicascade.serve.app import AppConfig
 

@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from bicascade import images, models, query, registry, runtime
+from bicascade import images, models, query, registry
 from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import ResolvedLadder
+from bicascade.pipelines import runtime
 from bicascade.pipelines.ingest import sources
 from bicascade.storage import tables
 

@@ -16,9 +16,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from bicascade import images, models, query, runtime
+from bicascade import images, models, query
 from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import LevelInfo
+from bicascade.pipelines import runtime
 from bicascade.pipelines.ingest.index import Encoder
 from bicascade.storage import cache, tables
 

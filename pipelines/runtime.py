@@ -17,7 +17,7 @@ import warnings
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
-SETUP_HOOK = "bicascade.runtime.loopback_grpc"
+SETUP_HOOK = "bicascade.pipelines.runtime.loopback_grpc"
 
 
 def free_port(host: str = LOOPBACK) -> int:
