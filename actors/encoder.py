@@ -65,7 +65,7 @@ class Encoder:
     async def encode_upload(self, calls: list[tuple[bytes, str]]) -> list[np.ndarray]:
         """Query images sent by clients: decoded here (bounded in bytes and pixels before decoding), one vector each."""
         def run(model: models.LoadedModel, blobs: list[bytes]) -> list[np.ndarray]:
-            crops = np.stack([model.preprocess.crop(images.load(b, max_pixels=images.MAX_UPLOAD_PIXELS).rgb)
+            crops = np.stack([model.preprocess.crop(images.decode(b, max_pixels=images.MAX_UPLOAD_PIXELS).rgb)
                               for b in blobs])
             return list(model.encode_crops(crops))
         return await self._each_model(calls, run)

@@ -36,7 +36,7 @@ def bare_loop(paths: list[str], spec: models.ModelSpec, batch_size: int, threads
         for p in paths[i:i + batch_size]:
             data = Path(p).read_bytes()
             images.content_id(data)
-            crops.append(model.preprocess.crop(images.load(data).rgb))
+            crops.append(model.preprocess.crop(images.decode(data).rgb))
         model.encode_crops(np.stack(crops))
     return time.perf_counter() - t0
 

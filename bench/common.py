@@ -53,7 +53,7 @@ class Client:
         return ms, r.json(), float(r.headers.get("x-ingress-ms", "nan"))
 
 
-def load(url: str, queries: list[str], clients: int, seconds: float, depth: int | None) -> dict:
+def load_test(url: str, queries: list[str], clients: int, seconds: float, depth: int | None) -> dict:
     """`clients` closed-loop clients for `seconds`: searches/s and latency."""
     end = time.monotonic() + seconds
 

@@ -44,7 +44,7 @@ def settings(s: train.Schedule) -> dict:
     return {"samples": s.samples, "lr": s.lr, "batch_size": s.batch_size, "hard_groups": s.hard_groups}
 
 
-class Recorder:
+class CurvePoints:
     """The callback of one run: a point per evaluation."""
 
     def __init__(self, arch: str, val: objectives.TrainData, batch_size: int) -> None:
@@ -95,7 +95,7 @@ def main() -> None:
         out.write_text(json.dumps(doc, indent=2))
         return
     for arch in args.archs.split(",") if args.archs else p.archs:
-        record = Recorder(arch, val, schedule.batch_size)
+        record = CurvePoints(arch, val, schedule.batch_size)
         ckpt = Path(args.keep or "/tmp") / f"curve-{arch}-{schedule.samples}-{schedule.lr}-{schedule.batch_size}.pt"
         ckpt.unlink(missing_ok=True)
         train.train_level(arch, data, schedule, p.objective, ckpt, desc=f"curve {arch}", callback=record,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from build import measure
-from common import Client, emit, free_port, load, pct
+from common import Client, emit, free_port, load_test, pct
 
 from bicascade import ladders, query, registry
 from bicascade.pipelines.ingest import index
@@ -51,7 +51,7 @@ def served(db: str, root: Path, seconds: float) -> dict:
         for q in warm_texts:
             c.search({"query": q, "k": 10})
         warm = [c.search({"query": q, "k": 10}) for q in warm_texts]
-        runs = [load(url, warm_texts, n, seconds, d) for n in (1, 8) for d in (1, 2, None)]
+        runs = [load_test(url, warm_texts, n, seconds, d) for n in (1, 8) for d in (1, 2, None)]
     finally:
         server.stop()
     return {"cold": {"client": pct([m for m, _, _ in cold]), "levels": per_level([d for _, d, _ in cold])},

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from common import Client, each_ingress, load, pct
+from common import Client, each_ingress, load_test, pct
 
 from bicascade import models, query
 from bicascade.pipelines.lab import train, world
@@ -118,7 +118,7 @@ def served(db: str, root: Path, rng: np.random.Generator, seconds: float = 15.0)
             out["cold_new_texts"] = pct([c.search({"query": q, "k": 10})[0] for q in cold_texts])
         for q in warm_texts:
             c.search({"query": q, "k": 10})
-        out["warm"] += [{"ingress": ingress, **load(url, warm_texts, n, seconds, None)} for n in (1, 8)]
+        out["warm"] += [{"ingress": ingress, **load_test(url, warm_texts, n, seconds, None)} for n in (1, 8)]
     return out
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import Client, each_ingress, emit, load, pct
+from common import Client, each_ingress, emit, load_test, pct
 
 import bicascade
 from bicascade import query
@@ -111,7 +111,8 @@ def main() -> None:
                 c.search({"query": q, "k": 10})  # every candidate of the measured queries now cached
             hops[ingress] = {"all": breakdown(url, queries, args.rounds),  # depth 1: what the extra levels add
                              "1": breakdown(url, queries, args.rounds, depth=1)}
-            runs += [{"ingress": ingress, **load(url, queries, n, args.seconds, d)} for n in (1, 8) for d in (None, 1)]
+            runs += [{"ingress": ingress, **load_test(url, queries, n, args.seconds, d)}
+                     for n in (1, 8) for d in (None, 1)]
         by = {(r["ingress"], r["clients"], r["depth"]): r for r in runs}
         result = {
             "db": args.db, "ladder": ladder.name, "levels": ladder.names, "queries": len(queries),

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 Section = Callable[[Path, Path], str | None]
 
 
-def load(path: Path) -> dict | None:
+def read_result(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -58,7 +58,7 @@ CHEAP_LEVELS = {  # the eval files compared in one table, and how each ladder's 
 def cheap_levels(results: Path, out: Path) -> str | None:
     rows, seen = ["| level | made as | image GFLOPs | R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|"], set()
     for name, made in CHEAP_LEVELS.items():
-        doc = load(results / name)
+        doc = read_result(results / name)
         for lv in doc["levels"] if doc else []:
             if lv["model"] not in seen:
                 seen.add(lv["model"])
@@ -94,7 +94,7 @@ def simulate_tables(results: Path, out: Path) -> str | None:
 
 
 def curves(results: Path, out: Path) -> str | None:
-    doc = load(results / "curves.json")
+    doc = read_result(results / "curves.json")
     if doc is None:
         return None
     fig, ax = plt.subplots(figsize=(10.5, 4.8))
@@ -138,7 +138,7 @@ def curves(results: Path, out: Path) -> str | None:
 
 def generic(name: str, title: str, about: str) -> Section:
     def section(results: Path, out: Path) -> str | None:
-        doc = load(results / name)
+        doc = read_result(results / name)
         if doc is None:
             return None
         return f"## {title}\n\n{about}\n\n```json\n{json.dumps(doc, indent=2)}\n```"
@@ -146,7 +146,7 @@ def generic(name: str, title: str, about: str) -> Section:
 
 
 def query_section(results: Path, out: Path) -> str | None:
-    doc = load(results / "query_cpu.json")
+    doc = read_result(results / "query_cpu.json")
     if doc is None:
         return None
     rows = ["| ingress | clients | depth | searches/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
@@ -185,7 +185,7 @@ def build_section(results: Path, out: Path) -> str | None:
 
 
 def audit_section(results: Path, out: Path) -> str | None:
-    doc = load(results / "audit_cpu.json")
+    doc = read_result(results / "audit_cpu.json")
     if doc is None:
         return None
     a = doc["audit"]
@@ -205,7 +205,7 @@ def audit_section(results: Path, out: Path) -> str | None:
 
 
 def million_section(results: Path, out: Path) -> str | None:
-    doc = load(results / "million_cpu.json")
+    doc = read_result(results / "million_cpu.json")
     if doc is None:
         return None
     ann = ["| nprobes | refine | recall@50 (text queries) | p50 ms |", "|---|---|---|---|"]
@@ -259,7 +259,7 @@ def gpu_run(doc: dict) -> str:
 
 
 def plan_section(results: Path, out: Path) -> str | None:
-    doc = load(results / "plan_synthetic.json")
+    doc = read_result(results / "plan_synthetic.json")
     if doc is None:
         return None
     rows = ["| cascade | m | adaptive margin | R@1 | R@10 | F_life measured | F_life Eq. 1 |",
@@ -281,7 +281,7 @@ def plan_section(results: Path, out: Path) -> str | None:
 
 
 def rss_section(results: Path, out: Path) -> str | None:
-    doc = load(results / "rss_cpu.json")
+    doc = read_result(results / "rss_cpu.json")
     if doc is None:
         return None
     marks = doc["marks"]

@@ -56,14 +56,7 @@ def _db_ladder(args: argparse.Namespace):
         return query.open_ladder(tables.Database(args.db), args.ladder)
     if not args.ladder:
         raise _bad("give --db (a database remembers its ladder) or --ladder NAME")
-    _require_trained(args.ladder)
     return query.registered(args.ladder)
-
-
-def _require_trained(name: str) -> None:
-    from bicascade.pipelines.lab import train
-
-    train.require_ready(name)
 
 
 def _bad(message: str):
@@ -143,12 +136,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from bicascade.pipelines.measure import evaluate
     from bicascade.storage import tables
 
+    if args.ladder and not args.db:  # a trainable ladder not trained yet: name the command that trains it
+        train.require_ready(args.ladder)
     ladder = _db_ladder(args)
     db = tables.Database(args.db) if args.db else None
     world = args.world or (None if db or args.labels else train.world_root(train.profile(args.ladder)))
-    from bicascade.pipelines.measure import plan
+    from bicascade.protocol import Plan
 
-    chosen = plan.load_plan(args.plan) if args.plan else None
+    chosen = Plan.read(args.plan) if args.plan else None
     emit(args, evaluate.evaluate(_held_out(args.labels, db, world), ladder, cutoffs=args.m, p=args.p,
                                  device=args.device, db=args.db, plan=chosen))
 
@@ -168,8 +163,6 @@ def _held_out(labels: str | None, db, world: str | None):
 def cmd_index(args: argparse.Namespace) -> None:
     from bicascade.pipelines.ingest import index
 
-    if args.ladder:
-        _require_trained(args.ladder)
     config = index.IndexConfig(batch_size=args.batch_size, ann_min_rows=args.ann_min_rows)
     emit(args, index.run_index(args.source, args.db, args.ladder, config))
 
@@ -202,13 +195,13 @@ def cmd_remove(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from bicascade.pipelines.measure import plan
+    from bicascade.protocol import Plan
     from bicascade.serve import server
     from bicascade.serve.app import AppConfig
 
     server.serve_forever(AppConfig(db=args.db, ladder=args.ladder, cutoffs=args.m, max_inflight=args.max_inflight,
                                    api_keys=args.api_key_file, rate=args.rate, burst=args.burst,
-                                   replicas=args.replicas or {}, plan=plan.load_plan(args.plan) if args.plan else None,
+                                   replicas=args.replicas or {}, plan=Plan.read(args.plan) if args.plan else None,
                                    group_gflops=args.group_gflops),
                          host=args.host, port=args.port, dashboard=args.dashboard, direct=args.direct)
 

@@ -100,7 +100,7 @@ def _to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
     return ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), _SRGB, mode, "RGB")
 
 
-def load(data: bytes, min_side: int = DECODE_SIDE, max_pixels: int = MAX_PIXELS) -> Decoded:
+def decode(data: bytes, min_side: int = DECODE_SIDE, max_pixels: int = MAX_PIXELS) -> Decoded:
     """Decode fully (so truncation surfaces here) into an upright RGB image whose short side is shrunk towards
     `min_side` where the format allows it cheaply; width and height are the original's, upright. The header is
     checked against `max_pixels` before any pixel is decoded."""
@@ -126,8 +126,8 @@ def load(data: bytes, min_side: int = DECODE_SIDE, max_pixels: int = MAX_PIXELS)
     return Decoded(rgb, width, height)
 
 
-def load_file(path: str | Path, min_side: int = DECODE_SIDE) -> Decoded:
-    return load(Path(path).read_bytes(), min_side)
+def decode_file(path: str | Path, min_side: int = DECODE_SIDE) -> Decoded:
+    return decode(Path(path).read_bytes(), min_side)
 
 
 def stored_bytes(data: bytes, decoded: Decoded) -> bytes:
@@ -193,4 +193,4 @@ class Preprocessor:
 
 def square_pixels(path: str | Path, size: int) -> np.ndarray:
     """A file as (size, size, 3) uint8, squashed to a square: the training input of the synthetic world."""
-    return np.asarray(load_file(path, size).rgb.resize((size, size), Image.BICUBIC))
+    return np.asarray(decode_file(path, size).rgb.resize((size, size), Image.BICUBIC))

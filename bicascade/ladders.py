@@ -133,7 +133,7 @@ def _weights(spec: models.ModelSpec) -> str:
 def describe(name: str, specs: Sequence[models.ModelSpec], shared: bool, description: str = "") -> LadderDoc:
     levels = []
     for spec in specs:
-        pp_cfg, dim = models.describe(spec)
+        pp_cfg, dim = models.preprocessing(spec)
         levels.append(LevelDoc(spec.name, spec.arch, round(costs.image_gflops(spec), 4), dim,
                                models.fingerprint(spec, pp_cfg), _weights(spec)))
     return LadderDoc(name, levels, shared, description)

@@ -204,7 +204,7 @@ def _describe_arch(arch: str) -> tuple[dict, int]:
     return open_clip.get_model_preprocess_cfg(model), int(model_config(arch)["embed_dim"])
 
 
-def describe(spec: ModelSpec) -> tuple[dict, int]:
+def preprocessing(spec: ModelSpec) -> tuple[dict, int]:
     """(preprocessing config, embedding dim) without loading weights: what CPU workers need to preprocess."""
     return _describe_arch(spec.arch)
 

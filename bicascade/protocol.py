@@ -1,10 +1,13 @@
-"""What a search asks and what it answers: one request type and one response type that the Python API, the CLI, the
-HTTP ingress and its router share (no dict crosses a module boundary on the query path), and `answer`, the one place
-a cascade's output becomes a response (dedup, min_score, paging). No torch, no Ray: the ingress imports it."""
+"""What a search asks, the cascade it runs and what it answers: one request type, one plan type and one response type
+that the Python API, the CLI, the HTTP ingress and its router share (no dict crosses a module boundary on the query
+path), and `answer`, the one place a cascade's output becomes a response (dedup, min_score, paging). No torch, no
+Ray: the ingress imports it."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,6 +61,47 @@ class SearchRequest:
         if self.depth is not None and self.depth > levels:
             raise BadInputError(f"depth: must be between 1 and {levels}, got {self.depth}")
         return self.depth or levels
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A cascade `bicascade plan` chose: levels of the database's ladder by name (its level 0 first, in ladder order),
+    their cutoffs, and the adaptive margin when the cutoffs adapt per query."""
+
+    cascade: tuple[str, ...]
+    cutoffs: tuple[int, ...]
+    adaptive_margin: float | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> Plan:
+        """The chosen cascade of a `bicascade plan --json` document."""
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise BadInputError(f"cannot read plan {path}: {e}") from None
+        chosen = doc.get("chosen") if isinstance(doc, dict) else None
+        if not isinstance(chosen, dict) or not chosen.get("cascade"):
+            raise BadInputError(f"{path} holds no chosen cascade (`bicascade plan --json > FILE` writes one)")
+        return cls.of(chosen)
+
+    @classmethod
+    def of(cls, doc: dict[str, Any]) -> Plan:
+        """From its JSON object {"cascade", "cutoffs", "adaptive_margin"} (a plan document's "chosen", serve's args)."""
+        try:
+            margin = doc.get("adaptive_margin")
+            return cls(tuple(str(n) for n in doc["cascade"]), tuple(int(m) for m in doc["cutoffs"]),
+                       None if margin is None else float(margin))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInputError(f"a plan needs cascade (level names) and cutoffs (integers): {e!r}") from None
+
+    def levels(self, names: Sequence[str]) -> list[int]:
+        """The plan's levels as indices into a ladder of `names`; a BadInputError unless they are a subsequence of it
+        that starts with its level 0."""
+        idx = [names.index(n) if n in names else -1 for n in self.cascade]
+        if not idx or idx[0] != 0 or -1 in idx or idx != sorted(set(idx)):
+            raise BadInputError(f"the plan's cascade {list(self.cascade)} is not levels of the ladder {list(names)} "
+                                "starting with its level 0")
+        return idx
 
 
 @dataclass(frozen=True)

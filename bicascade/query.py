@@ -27,7 +27,7 @@ def level_infos(specs: Sequence[models.ModelSpec]) -> list[LevelInfo]:
     towers = [models.text_identity(s) for s in specs]
     out = []
     for spec, tower in zip(specs, towers):
-        pp_cfg, dim = models.describe(spec)
+        pp_cfg, dim = models.preprocessing(spec)
         out.append(LevelInfo(spec, models.fingerprint(spec, pp_cfg), dim, costs.image_gflops(spec),
                              towers.index(tower)))
     return out
@@ -109,7 +109,7 @@ def encode_stored(model: models.LoadedModel, db: tables.Database, ids: list[str]
         missing = [i for i in chunk if i not in blobs]
         if missing:
             raise NotIndexedError(f"{len(missing)} ids are not in {db.uri}/{tables.IMAGES}, e.g. {missing[0]}")
-        return np.stack(list(_DECODERS.map(lambda i: model.preprocess.crop(images.load(blobs[i]).rgb), chunk)))
+        return np.stack(list(_DECODERS.map(lambda i: model.preprocess.crop(images.decode(blobs[i]).rgb), chunk)))
 
     out = np.zeros((len(ids), model.dim), np.float32)
     chunks = [ids[s:s + ENCODE_CHUNK] for s in range(0, len(ids), ENCODE_CHUNK)]
@@ -159,7 +159,7 @@ class LocalSearch:
         if req.query is not None:
             vectors = cascade.text_vectors(req.query)
         elif req.image is not None:  # more like this picture: each level embeds it with its own image tower
-            picture = images.load(req.image, max_pixels=images.MAX_UPLOAD_PIXELS).rgb
+            picture = images.decode(req.image, max_pixels=images.MAX_UPLOAD_PIXELS).rgb
             vectors = [m.encode_images([picture])[0] for m in self.models[:depth]]
         else:  # an indexed image: its stored and cached vectors (computed and written back where missing)
             try:

@@ -22,7 +22,7 @@ class Keys:
     roles: dict[bytes, str]
 
     @classmethod
-    def load(cls, path: str | None) -> "Keys | None":
+    def read(cls, path: str | None) -> "Keys | None":
         text = Path(path).read_text() if path else os.environ.get("BICASCADE_API_KEYS", "").replace(",", "\n")
         roles = {}
         for n, line in enumerate(text.splitlines(), 1):

@@ -33,7 +33,7 @@ from bicascade.actors.quota import Limiter, RateLimit
 from bicascade.actors.router import Router, RouterConfig
 from bicascade.errors import BadInputError, NotIndexedError, StaleEncoder
 from bicascade.levels import LevelInfo
-from bicascade.protocol import SearchRequest, SearchResponse
+from bicascade.protocol import Plan, SearchRequest, SearchResponse
 from bicascade.serve.access import Keys, client_of, presented_key
 from bicascade.serve.schema import (
     COMMON,
@@ -78,7 +78,11 @@ class AppConfig:
     burst: float = 400.0
     router: dict = field(default_factory=dict)  # RouterConfig fields
     replicas: dict[str, int] = field(default_factory=dict)  # fixed replica counts instead of autoscaling
-    plan: dict | None = None  # a `bicascade plan` choice: {"cascade", "cutoffs", "adaptive_margin"}
+    plan: Plan | None = None  # a `bicascade plan` choice (its JSON object in serve/config.yaml's args)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.plan, dict):
+            self.plan = Plan.of(self.plan)
 
 
 api = FastAPI(title="bicascade", description="Text-to-image search with a bi-encoder cascade", version="0.2.0",
@@ -310,7 +314,7 @@ class Api:
                 return Response(data, media_type=images.media_type(data), headers=cache)
             thumb = self.thumbs.get((image_id, size))
             if thumb is None:
-                thumb = await asyncio.to_thread(lambda: images.jpeg(images.load(data, size).rgb, size))
+                thumb = await asyncio.to_thread(lambda: images.jpeg(images.decode(data, size).rgb, size))
                 if len(self.thumbs) > 2000:
                     self.thumbs.clear()
                 self.thumbs[(image_id, size)] = thumb

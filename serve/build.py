@@ -18,7 +18,7 @@ from bicascade.actors.encoder import Encoder
 from bicascade.actors.router import RouterConfig
 from bicascade.cascade import default_cutoffs, validate
 from bicascade.errors import BadInputError, BicascadeError
-from bicascade.levels import LevelInfo, ResolvedLadder
+from bicascade.levels import LevelInfo
 from bicascade.query import open_ladder
 from bicascade.serve.access import Keys
 from bicascade.serve.app import Api, AppConfig
@@ -77,16 +77,6 @@ def encoder_options(opts: dict[str, dict], infos: list[LevelInfo], gpus: float, 
     return out
 
 
-def planned(ladder: ResolvedLadder, plan: dict) -> list[LevelInfo]:
-    """The levels of a planned cascade: a subsequence of the database's ladder that starts with its level 0."""
-    names = ladder.names
-    if not plan["cascade"] or plan["cascade"][0] != names[0] or any(n not in names for n in plan["cascade"]) or \
-            [names.index(n) for n in plan["cascade"]] != sorted(names.index(n) for n in plan["cascade"]):
-        raise BadInputError(f"the plan's cascade {plan['cascade']} is not levels of {ladder.name} ({names}) starting "
-                            "with its level 0")
-    return [ladder.levels[names.index(n)] for n in plan["cascade"]]
-
-
 def build(config: AppConfig) -> serve.Application:
     """The app graph: an Encoder deployment per level (the cheap ones share one) and the HTTP ingress (with its
     Router) over their handles."""
@@ -99,13 +89,13 @@ def build(config: AppConfig) -> serve.Application:
     infos = ladder.levels
     margin = None
     if config.plan is not None:
-        infos = planned(ladder, config.plan)
-        config.cutoffs, margin = list(config.plan["cutoffs"]), config.plan.get("adaptive_margin")
+        infos = [infos[j] for j in config.plan.levels(ladder.names)]
+        config.cutoffs, margin = list(config.plan.cutoffs), config.plan.adaptive_margin
     for info in infos:  # a missing checkpoint or hub model fails here, not in a replica that Serve keeps restarting
         models.preflight(info.spec)
     cutoffs = list(config.cutoffs) if config.cutoffs is not None else list(default_cutoffs(len(infos)))
     validate(len(infos), cutoffs)
-    keys = Keys.load(config.api_keys)  # a bad key file fails here, in one line
+    keys = Keys.read(config.api_keys)  # a bad key file fails here, in one line
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     # specs, not names: a replica on another node needs no registry, only the checkpoint path
     grouped = groups(infos, config.group_gflops)

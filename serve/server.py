@@ -123,7 +123,7 @@ def follow(config: AppConfig, host: str, port: int, done: threading.Event, every
 def serve_forever(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, dashboard: bool = False,
                   direct: bool = False) -> None:
     done = threading.Event()
-    Keys.load(config.api_keys)  # a bad key file fails before a cluster starts
+    Keys.read(config.api_keys)  # a bad key file fails before a cluster starts
     if direct:
         direct_ingress(port)
     url = None

@@ -28,21 +28,21 @@ def test_every_orientation_comes_out_upright(fmt, orientation):
     up = picture()
     stored, exif = oriented(up, orientation)
     lossless = {"WEBP": {"lossless": True}, "JPEG": {"quality": 95}}.get(fmt, {})
-    got = images.load(saved(stored, fmt, exif=exif, **lossless))
+    got = images.decode(saved(stored, fmt, exif=exif, **lossless))
     assert (got.width, got.height) == up.size == got.rgb.size  # TIFF carries its orientation tag only once loaded
     tolerance = 12 if fmt == "JPEG" else 0
     assert np.abs(np.asarray(got.rgb, int) - np.asarray(up, int)).mean() <= tolerance
 
 
 def test_heic_decodes():
-    got = images.load(saved(picture(), "HEIF", quality=95))
+    got = images.decode(saved(picture(), "HEIF", quality=95))
     assert (got.width, got.height) == (60, 40) and got.rgb.mode == "RGB"
 
 
 def test_a_truncated_file_is_a_clear_error():
     data = saved(picture(), "JPEG", quality=90)
     with pytest.raises(BadInputError, match="cannot decode|not an image"):
-        images.load(data[: len(data) // 2])
+        images.decode(data[: len(data) // 2])
 
 
 @pytest.mark.parametrize("arch", ["ViT-B-32", "RN50"])
@@ -53,7 +53,7 @@ def test_crop_then_normalize_is_open_clips_eval_transform(arch):
 
     from bicascade import models
 
-    cfg, _ = models.describe(models.ModelSpec(f"t/{arch}", arch))
+    cfg, _ = models.preprocessing(models.ModelSpec(f"t/{arch}", arch))
     prep = images.Preprocessor(cfg)
     pics = [picture(), picture().rotate(90, expand=True)]
     got = prep.normalize(np.stack([prep.crop(p) for p in pics]), torch.device("cpu"))

@@ -116,7 +116,7 @@ def test_decode_batch_pads_bad_rows_to_the_model_size(tmp_path, size):
     # open_clip reports an int size for ResNet towers (the default ladder) and a pair for ViTs
     save(picture(1), tmp_path / "ok.png")
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    cfg = {**models.describe(registry.get_model(train.level_names(train.PROFILES[LADDER])[0]))[0], "size": size}
+    cfg = {**models.preprocessing(registry.get_model(train.level_names(train.PROFILES[LADDER])[0]))[0], "size": size}
     uris = np.array([str(tmp_path / "ok.png"), str(tmp_path / "bad.jpg")])
     out = index.decode_batch({"uri": uris}, cfg, set(), set())
     assert out["pixels"].shape == (2, 32, 32, 3) and out["pixels"].dtype == np.uint8

@@ -46,6 +46,23 @@ def test_pipelines_never_import_actors_serve_or_the_cli():
             assert not bad, f"{mod} imports {bad}"
 
 
+def test_the_lab_is_reached_only_from_lab_commands():
+    """Indexing, serving, search and the Python API never import the lab (training, worlds, sample photos); only the
+    demo, the measurements and the CLI's lab commands (train, eval, ladders' catalog) do."""
+    lab_users = {"bicascade.pipelines.demo", "bicascade.pipelines.measure.evaluate", "bicascade.cli"}
+    for mod, deps in graph().items():
+        if not mod.startswith("bicascade.pipelines.lab") and mod not in lab_users:
+            assert not {d for d in deps if d.startswith("bicascade.pipelines.lab")}, f"{mod} imports the lab"
+    cli = ast.parse((ROOT / "bicascade/cli.py").read_text())
+    for fn in (n for n in cli.body if isinstance(n, ast.FunctionDef)):
+        if fn.name not in ("cmd_ladders", "cmd_train", "cmd_eval", "cmd_demo"):
+            assert "bicascade.pipelines.lab" not in imports_of(fn), f"cli.{fn.name} imports the lab"
+
+
+def imports_of(tree: ast.AST) -> set[str]:
+    return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+
 def test_the_query_core_imports_no_ray_and_only_storage_imports_lancedb():
     g = graph()
     core = [m for m in g if m in ("bicascade.query", "bicascade.cascade", "bicascade.protocol", "bicascade.levels",

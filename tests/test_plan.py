@@ -23,7 +23,7 @@ def world(n=400, q=40, dims=(8, 16, 24), seed=0):
 def test_fixed_cutoffs_equal_algorithm_1():
     images, texts = world()
     first = evaluate.level0(texts[0], images[0], 200)
-    top, reached, sent = evaluate.run(first, texts[1:], images[1:], [50, 14], 10)
+    top, reached, sent = evaluate.cascade_ranked(first, texts[1:], images[1:], [50, 14], 10)
     assert np.array_equal(top, evaluate.cascade_topk(texts, images, [50, 14], 10))
     assert sent == [50.0, 14.0]
     ids = [f"{i:05d}" for i in range(len(images[0]))]
@@ -40,9 +40,9 @@ def test_fixed_cutoffs_equal_algorithm_1():
 def test_adaptive_cutoffs_send_fewer_where_the_margin_allows():
     images, texts = world()
     first = evaluate.level0(texts[0], images[0], 200)
-    fixed = evaluate.run(first, texts[1:], images[1:], [50, 14], 10)
-    tight = evaluate.run(first, texts[1:], images[1:], [50, 14], 10, margin=0.0)
-    wide = evaluate.run(first, texts[1:], images[1:], [50, 14], 10, margin=10.0)
+    fixed = evaluate.cascade_ranked(first, texts[1:], images[1:], [50, 14], 10)
+    tight = evaluate.cascade_ranked(first, texts[1:], images[1:], [50, 14], 10, margin=0.0)
+    wide = evaluate.cascade_ranked(first, texts[1:], images[1:], [50, 14], 10, margin=10.0)
     assert tight[2][0] < fixed[2][0] and tight[2][0] >= 10  # no fewer than k
     assert wide[2] == fixed[2] and np.array_equal(wide[0], fixed[0])  # a huge margin is the fixed cascade
     assert tight[1][0].sum() < fixed[1][0].sum()

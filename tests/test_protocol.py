@@ -5,7 +5,7 @@ from test_cascade import World
 
 from bicascade.cascade import Cascade
 from bicascade.errors import BadInputError
-from bicascade.protocol import SearchRequest, answer
+from bicascade.protocol import Plan, SearchRequest, answer
 from bicascade.storage.filters import Filter
 
 
@@ -14,6 +14,27 @@ def respond(w, req, cutoffs=(10, 4), names=("small", "mid", "top"), uris=None):
     vectors = cascade.text_vectors(req.query)
     return answer(cascade, req, vectors, None, list(names), 3, uris or (lambda ids: {}),
                   lambda ids: w.image[0][[w.ids.index(i) for i in ids]])
+
+
+def test_a_plan_is_typed_once_and_checked_against_the_ladder(tmp_path):
+    doc = tmp_path / "plan.json"
+    doc.write_text('{"chosen": {"cascade": ["a", "c"], "cutoffs": [20], "adaptive_margin": 0.05}, "frontier": []}')
+    plan = Plan.read(doc)
+    assert plan == Plan(("a", "c"), (20,), 0.05) and plan == Plan.of({"cascade": ["a", "c"], "cutoffs": ["20"],
+                                                                       "adaptive_margin": "0.05"})
+    assert plan.levels(["a", "b", "c"]) == [0, 2]
+    for names in (["b", "a", "c"], ["a", "b"], ["c", "a"]):  # not level 0 first, a level missing, out of order
+        with pytest.raises(BadInputError, match="is not levels of the ladder"):
+            plan.levels(names)
+    with pytest.raises(BadInputError, match="is not levels of the ladder"):
+        Plan(("a", "a"), (5,)).levels(["a", "b"])
+    for text, match in [("{", "cannot read plan"), ('{"chosen": {}}', "holds no chosen cascade"),
+                        ('{"chosen": {"cascade": ["a"], "cutoffs": ["x"]}}', "cutoffs \\(integers\\)")]:
+        doc.write_text(text)
+        with pytest.raises(BadInputError, match=match):
+            Plan.read(doc)
+    with pytest.raises(BadInputError, match="cannot read plan"):
+        Plan.read(tmp_path / "missing.json")
 
 
 def test_a_request_is_checked_where_it_is_made():

@@ -21,7 +21,7 @@ def isolated_cache():  # the module shares tiny_db's cache
     yield
 
 
-def fake_corpus(n: int = 400, captions_per_image: int = 2, dim: int = 16, seed: int = 0) -> simulate.Corpus:
+def fake_corpus(n: int = 400, captions_per_image: int = 2, dim: int = 16, seed: int = 0) -> simulate.Replayed:
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(20, dim))
     img = centres[rng.integers(20, size=n)] + 0.3 * rng.normal(size=(n, dim))
@@ -29,7 +29,7 @@ def fake_corpus(n: int = 400, captions_per_image: int = 2, dim: int = 16, seed: 
     owner = np.repeat(np.arange(n), captions_per_image)
     txt = img[owner] + 0.2 * rng.normal(size=(len(owner), dim))
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
-    return simulate.Corpus([f"i{i}" for i in range(n)], [f"c{i}" for i in range(len(owner))], owner[:, None], ["a"],
+    return simulate.Replayed([f"i{i}" for i in range(n)], [f"c{i}" for i in range(len(owner))], owner[:, None], ["a"],
                            [1.0], [1.0], [img.astype(np.float32)], [txt.astype(np.float32)], [0], [0.0], [], None)
 
 

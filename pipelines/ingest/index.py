@@ -86,7 +86,7 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[
                     row["status"] = "known"
                 else:
                     stage = "decode"
-                    decoded = images.load(data)
+                    decoded = images.decode(data)
                     stage = "preprocess"
                     row.update(bytes=images.stored_bytes(data, decoded), width=decoded.width, height=decoded.height,
                                pixels=prep.crop(decoded.rgb))
@@ -106,7 +106,7 @@ def _opt(batch: dict, key: str, i: int) -> Any:
     return None if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)) else value
 
 
-class Encoder:
+class EmbedBatches:
     """Ray Data callable class: loads level 0 once per actor, encodes the new images of each batch."""
 
     def __init__(self, spec: models.ModelSpec, threads: int | None) -> None:
@@ -123,7 +123,7 @@ class Encoder:
         return batch
 
 
-class DecodeEncoder(Encoder):
+class DecodeEmbedBatches(EmbedBatches):
     """CPU-only clusters: each actor reads, decodes, crops and encodes its own batches, one stage on every core, so
     no crop crosses the object store and no core waits for another stage."""
 
@@ -221,7 +221,7 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
     level0 = resolved.levels[0]
     spec = level0.spec
     models.preflight(spec)
-    pp_cfg, dim = models.describe(spec)
+    pp_cfg, dim = models.preprocessing(spec)
     emb = tables.emb_table(level0.fingerprint)
     query.record(db, resolved)
     known = db.ids(emb)
@@ -264,7 +264,8 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
                   "done": done if ship or src.kind != "files" else set()}
         if gpus:  # CPU tasks decode, one actor per GPU encodes
             ds = ds.map_batches(decode_batch, batch_size=config.batch_size, num_cpus=0.5, fn_kwargs=decode)
-            ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec, "threads": max(1, int(cpus) // gpus)},
+            ds = ds.map_batches(EmbedBatches,
+                                fn_constructor_kwargs={"spec": spec, "threads": max(1, int(cpus) // gpus)},
                                 compute=ray.data.ActorPoolStrategy(size=gpus), batch_size=config.batch_size,
                                 num_gpus=1, num_cpus=1)
         else:  # one decode-and-encode actor per free core, one thread each; a quarter core each left for readers
@@ -273,7 +274,8 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
             free = ray.available_resources().get("CPU", cpus)
             share = min(0.75, max(free, 0.1))
             actors = max(1, min(int(cpus), int(free / share)))
-            ds = ds.map_batches(DecodeEncoder, fn_constructor_kwargs={"spec": spec, "threads": 1, "decode": decode},
+            ds = ds.map_batches(DecodeEmbedBatches,
+                                fn_constructor_kwargs={"spec": spec, "threads": 1, "decode": decode},
                                 compute=ray.data.ActorPoolStrategy(size=actors),
                                 batch_size=config.batch_size, num_cpus=share)
         for batch in ds.iter_batches(batch_size=config.batch_size, batch_format="numpy"):

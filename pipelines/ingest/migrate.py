@@ -20,7 +20,7 @@ from bicascade import images, models, query
 from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import LevelInfo
 from bicascade.pipelines import runtime
-from bicascade.pipelines.ingest.index import Encoder
+from bicascade.pipelines.ingest.index import EmbedBatches
 from bicascade.storage import cache, tables
 
 log = logging.getLogger("bicascade")
@@ -72,7 +72,7 @@ def decode_stored(batch: dict[str, np.ndarray], db_uri: str, preprocess_cfg: dic
     pixels, status = [], []
     for i in ids:
         try:
-            pixels.append(prep.crop(images.load(blobs[i]).rgb))
+            pixels.append(prep.crop(images.decode(blobs[i]).rgb))
             status.append("new")
         except Exception:  # a stored image that no longer decodes: recorded as skipped
             pixels.append(prep.blank())
@@ -87,7 +87,7 @@ def reembed(db: tables.Database, spec: models.ModelSpec, ids: list[str], write, 
 
     if not ids:
         return 0
-    pp_cfg, _ = models.describe(spec)
+    pp_cfg, _ = models.preprocessing(spec)
     runtime.connect()
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = ray.cluster_resources().get("CPU", 1)
@@ -98,7 +98,7 @@ def reembed(db: tables.Database, spec: models.ModelSpec, ids: list[str], write, 
     # whose replicas hold a quarter CPU each (on 2 CPUs a whole-CPU encoder waited for them forever)
     ds = ds.map_batches(decode_stored, batch_size=batch_size, num_cpus=0.25,
                         fn_kwargs={"db_uri": db.uri, "preprocess_cfg": pp_cfg})
-    ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec, "threads": max(1, int(cpus) // actors)},
+    ds = ds.map_batches(EmbedBatches, fn_constructor_kwargs={"spec": spec, "threads": max(1, int(cpus) // actors)},
                         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size,
                         num_gpus=1 if gpus else 0, num_cpus=0.5)
     done = 0

@@ -29,7 +29,7 @@ def sample_photos() -> dict[str, Image.Image]:
 
     out = {name: Image.fromarray(getattr(data, name)()) for name in
            ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")}
-    out["grace_hopper"] = images.load_file(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).rgb
+    out["grace_hopper"] = images.decode_file(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).rgb
     out["camera"] = Image.fromarray(data.camera())  # a grayscale photo
     return {k: v.convert("RGB") if k != "camera" else v for k, v in out.items()}
 

@@ -17,6 +17,7 @@ from bicascade.cascade import default_cutoffs, f_life, validate
 from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import ResolvedLadder
 from bicascade.pipelines.lab import world
+from bicascade.protocol import Plan
 from bicascade.query import encode_stored
 from bicascade.storage import tables
 
@@ -27,7 +28,7 @@ KS = (1, 5, 10)
 def embed_images(loaded: models.LoadedModel, paths: Sequence[str], batch: int = 256) -> np.ndarray:
     out = []
     for i in tqdm(range(0, len(paths), batch), desc=f"images {loaded.spec.name}", unit="batch", leave=False):
-        out.append(loaded.encode_images([images.load_file(p).rgb for p in paths[i:i + batch]]))
+        out.append(loaded.encode_images([images.decode_file(p).rgb for p in paths[i:i + batch]]))
     return np.concatenate(out) if out else np.zeros((0, loaded.dim), np.float32)
 
 
@@ -39,7 +40,7 @@ def cascade_topk(text: Sequence[np.ndarray], vectors: Sequence[np.ndarray], cuto
                  k: int, margin: float | None = None) -> np.ndarray:
     """Algorithm 1 for many queries at once: (n_queries, k) image indices. Equal to `Cascade.search` per query."""
     first = level0(text[0], vectors[0], cutoffs[0] if cutoffs else k)
-    return run(first, text[1:], vectors[1:], cutoffs, k, margin)[0]
+    return cascade_ranked(first, text[1:], vectors[1:], cutoffs, k, margin)[0]
 
 
 Ranked = tuple[np.ndarray, np.ndarray]  # (Q, m) image indices and their scores, best first
@@ -59,8 +60,8 @@ def level0(text: np.ndarray, vectors: np.ndarray, m: int, chunk: int = 1024) -> 
     return np.concatenate(cands), np.concatenate(scores)
 
 
-def run(first: Ranked, texts: Sequence[np.ndarray], vectors: Sequence[np.ndarray], cutoffs: Sequence[int], k: int,
-        margin: float | None = None) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+def cascade_ranked(first: Ranked, texts: Sequence[np.ndarray], vectors: Sequence[np.ndarray], cutoffs: Sequence[int],
+                   k: int, margin: float | None = None) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
     """Algorithm 1 for many queries from their level-0 ranking `first` (fixed or adaptive cutoffs): (top-k image
     indices, per level >= 1 a mask of the images that reached it, per level >= 1 the mean candidates a query sent
     there). `texts` and `vectors` are of the levels above 0."""
@@ -250,7 +251,7 @@ class EvalReport:
 
 
 def evaluate(held: HeldOut, ladder: ResolvedLadder, cutoffs: Sequence[int] | None = None, p: float = 0.1,
-             device: str | None = None, db: str | None = None, plan: dict | None = None) -> EvalReport:
+             device: str | None = None, db: str | None = None, plan: Plan | None = None) -> EvalReport:
     """Recall@1/5/10 per level and per cascade of the held-out queries. With `db`, level 0 ranks the vectors the index
     job stored there; the upper levels embed the corpus in process."""
     infos = ladder.levels
@@ -272,8 +273,7 @@ def evaluate(held: HeldOut, ladder: ResolvedLadder, cutoffs: Sequence[int] | Non
     towers = sorted({info.text for info in infos})
     subsets = [(levels, m, None) for levels, m in cascade_subsets(len(infos), cutoffs)]
     if plan is not None:  # the cascade `bicascade plan` chose, as the server would run it
-        names = [i.name for i in infos]
-        subsets.append(([names.index(n) for n in plan["cascade"]], list(plan["cutoffs"]), plan.get("adaptive_margin")))
+        subsets.append((plan.levels([i.name for i in infos]), list(plan.cutoffs), plan.adaptive_margin))
     return EvalReport(
         queries=len(queries), images=len(held.ids), p=p, db=db,
         levels=[LevelRecall(info.name, info.gflops, recall_of([j], [])) for j, info in enumerate(infos)],

@@ -10,7 +10,6 @@ to the next level only the candidates whose score is within a margin of the k-th
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -130,8 +129,8 @@ def plan(db: str, ladder: ResolvedLadder, held: evaluate.HeldOut, p: float = 0.1
     for levels, cut, margin in tried:
         texts = [corpus.texts[j] for j in levels[1:]]
         vecs = [corpus.images[j] for j in levels[1:]]
-        topk, _, sent = evaluate.run(held_out, texts, vecs, cut, k, margin)
-        _, reached, _ = evaluate.run(streamed, [t[stream.caption] for t in texts], vecs, cut, k, margin)
+        topk, _, sent = evaluate.cascade_ranked(held_out, texts, vecs, cut, k, margin)
+        _, reached, _ = evaluate.cascade_ranked(streamed, [t[stream.caption] for t in texts], vecs, cut, k, margin)
         c = [gflops[j] for j in levels]
         spent = n * c[0] + sum(cj * r.sum() for cj, r in zip(c[1:], reached))
         found.append(Candidate(
@@ -160,19 +159,6 @@ def pareto(found: list[Candidate], at: int = 10) -> list[Candidate]:
             out.append(c)
             top = c.recall[str(at)]
     return out
-
-
-def load_plan(path: str | Path) -> dict:
-    """The chosen cascade of a `bicascade plan --json` document: {"cascade", "cutoffs", "adaptive_margin"}."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"cannot read plan {path}: {e}") from None
-    chosen = doc.get("chosen") if isinstance(doc, dict) else None
-    if not chosen or not chosen.get("cascade"):
-        raise BadInputError(f"{path} holds no chosen cascade (`bicascade plan --json > FILE` writes one)")
-    return {"cascade": list(chosen["cascade"]), "cutoffs": list(chosen["cutoffs"]),
-            "adaptive_margin": chosen.get("adaptive_margin")}
 
 
 def plot(report: PlanReport, path: Path) -> Path:

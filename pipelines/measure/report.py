@@ -10,12 +10,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 if TYPE_CHECKING:
-    from bicascade.pipelines.measure.simulate import Corpus, Trace
+    from bicascade.pipelines.measure.simulate import Replayed, Trace
 
 matplotlib.use("Agg")  # files only: no display on servers
 
 
-def label(corpus: Corpus, trace: Trace) -> str:
+def label(corpus: Replayed, trace: Trace) -> str:
     return " -> ".join(corpus.names[j] for j in trace.levels) + (" (HTTP)" if trace.http else "")
 
 
@@ -36,7 +36,7 @@ def binned(x: np.ndarray, fn) -> tuple[np.ndarray, np.ndarray]:
     return np.array([(a + b + 1) / 2 for a, b in ranges]), np.array([fn(x[a:b]) for a, b in ranges])
 
 
-def plot_cost(path: Path, corpus: Corpus, traces: list[Trace]) -> None:
+def plot_cost(path: Path, corpus: Replayed, traces: list[Trace]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in traces:
         c = np.array([corpus.gflops[j] for j in t.levels])
@@ -49,7 +49,7 @@ def plot_cost(path: Path, corpus: Corpus, traces: list[Trace]) -> None:
     save(fig, path)
 
 
-def plot_hit_rate(path: Path, corpus: Corpus, traces: list[Trace]) -> None:
+def plot_hit_rate(path: Path, corpus: Replayed, traces: list[Trace]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for t in traces:
         hits, cands = t.hits[:, 1:].sum(1), np.maximum(1, t.candidates[:, 1:].sum(1))
@@ -60,7 +60,7 @@ def plot_hit_rate(path: Path, corpus: Corpus, traces: list[Trace]) -> None:
     save(fig, path)
 
 
-def plot_latency(path: Path, corpus: Corpus, traces: list[Trace]) -> None:
+def plot_latency(path: Path, corpus: Replayed, traces: list[Trace]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for t, colour in zip(traces, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         for q, style in ((50, "-"), (99, ":")):
@@ -154,7 +154,7 @@ def summary(doc: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write(out: Path, doc: dict, corpus: Corpus, traces: list[Trace]) -> Path:
+def write(out: Path, doc: dict, corpus: Replayed, traces: list[Trace]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plot_cost(out / "cost.png", corpus, traces)
     plot_hit_rate(out / "hit_rate.png", corpus, traces)

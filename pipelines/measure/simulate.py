@@ -47,7 +47,7 @@ class SimConfig:
 
 
 @dataclass
-class Corpus:
+class Replayed:
     """A held-out corpus with everything the replays share: ids as indexed, queries, embeddings."""
 
     ids: list[str]
@@ -129,7 +129,7 @@ def top_sets(text: np.ndarray, img: np.ndarray, m: int, chunk: int = 2048) -> np
     return np.concatenate(out)
 
 
-def make_stream(corpus: Corpus, cfg: SimConfig) -> Stream:
+def make_stream(corpus: Replayed, cfg: SimConfig) -> Stream:
     """A reproducible stream whose level-0 top-m_1 sets cover about cfg.p of the corpus."""
     m1 = cfg.cutoffs[0]
     labels = kmeans(corpus.images[0], max(1, corpus.n // cfg.topic_size), cfg.seed)
@@ -154,7 +154,7 @@ def make_stream(corpus: Corpus, cfg: SimConfig) -> Stream:
     return Stream(caption, corpus.caption_image[caption], picks, best, coverage)
 
 
-def load_corpus(db_uri: str, ladder: ResolvedLadder, held: evaluate.HeldOut, device: str | None = None) -> Corpus:
+def load_corpus(db_uri: str, ladder: ResolvedLadder, held: evaluate.HeldOut, device: str | None = None) -> Replayed:
     """The held-out corpus as indexed, every level's image and query embeddings, and each level's measured seconds
     per image."""
     db = tables.Database(db_uri)
@@ -170,12 +170,12 @@ def load_corpus(db_uri: str, ladder: ResolvedLadder, held: evaluate.HeldOut, dev
         embedded.append(vectors)
         texts.append(texts[info.text] if info.text < j else evaluate.embed_texts(model, held.queries))
         loaded.append(model)
-    return Corpus(held.ids, held.queries, held.relevant, [i.name for i in infos],
+    return Replayed(held.ids, held.queries, held.relevant, [i.name for i in infos],
                   [i.gflops for i in infos], seconds, [level0] + embedded[1:], texts, [i.text for i in infos],
                   [costs.text_gflops(i.spec) for i in infos], loaded, db)
 
 
-def replay_local(corpus: Corpus, stream: Stream, levels: Sequence[int], cutoffs: Sequence[int], k: int) -> Trace:
+def replay_local(corpus: Replayed, stream: Stream, levels: Sequence[int], cutoffs: Sequence[int], k: int) -> Trace:
     """Every query through Algorithm 1 in this process, caches cold at the start; images missed at a level are
     decoded from the database and encoded then (timed), as the server does."""
     spent = np.zeros(len(levels))
@@ -212,7 +212,7 @@ def replay_local(corpus: Corpus, stream: Stream, levels: Sequence[int], cutoffs:
     return trace
 
 
-def replay_http(corpus: Corpus, stream: Stream, url: str, k: int, concurrency: int) -> Trace:
+def replay_http(corpus: Replayed, stream: Stream, url: str, k: int, concurrency: int) -> Trace:
     """The stream against a running server with at most `concurrency` requests in flight (a load generator)."""
     session = requests.Session()
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=concurrency))
@@ -270,7 +270,7 @@ def replay_http(corpus: Corpus, stream: Stream, url: str, k: int, concurrency: i
     return trace
 
 
-def recall(rank: np.ndarray) -> dict[str, float]:
+def recall_of_ranks(rank: np.ndarray) -> dict[str, float]:
     return {str(k): float((rank < k).mean()) for k in evaluate.KS}
 
 
@@ -317,7 +317,7 @@ class CascadeRun:
     concurrency: int | None = None
 
 
-def summarise(corpus: Corpus, stream: Stream, trace: Trace, p: float, seed: int = 0) -> CascadeRun:
+def summarise(corpus: Replayed, stream: Stream, trace: Trace, p: float, seed: int = 0) -> CascadeRun:
     """Measured lifetime cost (FLOPs and seconds) vs Eq. 1 at the measured coverage, recall, hit rates."""
     c = [corpus.gflops[j] for j in trace.levels]
     s = [corpus.seconds[j] for j in trace.levels]
@@ -332,7 +332,7 @@ def summarise(corpus: Corpus, stream: Stream, trace: Trace, p: float, seed: int 
     hit = trace.hits[:, 1:].sum() / max(1, trace.candidates[:, 1:].sum())
     towers = {corpus.towers[j] for j in trace.levels}
     return CascadeRun(
-        cascade=[corpus.names[j] for j in trace.levels], m=trace.cutoffs, recall=recall(trace.rank),
+        cascade=[corpus.names[j] for j in trace.levels], m=trace.cutoffs, recall=recall_of_ranks(trace.rank),
         recall_ci=recall_ci(trace.rank, stream.truth, seed),
         f_life_eq1=f_life(c, stream.coverage) if len(c) > 1 else corpus.gflops[-1] / c[0],
         p_requested=p, p_measured=stream.coverage, topics=stream.topics, queries=q,
@@ -344,14 +344,15 @@ def summarise(corpus: Corpus, stream: Stream, trace: Trace, p: float, seed: int 
         errors=trace.errors, queries_per_s=q / trace.wall_s if trace.wall_s else None)
 
 
-def single_levels(corpus: Corpus, stream: Stream, k: int, seed: int = 0) -> list[CascadeRun]:
+def single_levels(corpus: Replayed, stream: Stream, k: int, seed: int = 0) -> list[CascadeRun]:
     """Each level alone over the whole corpus (the uncascaded baselines): recall on the stream and F_life vs the top."""
     out = []
     for j, name in enumerate(corpus.names):
         top = evaluate.cascade_topk([corpus.texts[j][stream.caption]], [corpus.images[j]], [], k)
         hit = top == stream.truth[:, None]
         rank = np.where(hit.any(1), hit.argmax(1), k)
-        out.append(CascadeRun(cascade=[name], m=[], recall=recall(rank), recall_ci=recall_ci(rank, stream.truth, seed),
+        out.append(CascadeRun(cascade=[name], m=[], recall=recall_of_ranks(rank),
+                              recall_ci=recall_ci(rank, stream.truth, seed),
                               f_life_eq1=corpus.gflops[-1] / corpus.gflops[j], gflops=corpus.gflops[j]))
     return out
 
@@ -424,7 +425,7 @@ def check(ladder: ResolvedLadder, cfg: SimConfig) -> SimConfig:
     return cfg
 
 
-def run_stream(corpus: Corpus, ladder: ResolvedLadder, cfg: SimConfig, report_dir: str | Path | None = None,
+def run_stream(corpus: Replayed, ladder: ResolvedLadder, cfg: SimConfig, report_dir: str | Path | None = None,
                sweep: Sequence[float] = ()) -> SimReport:
     """The stream over a loaded corpus, through every cascade of Table 1 (and the server, with a URL)."""
     cfg = check(ladder, cfg)
