@@ -20,44 +20,22 @@ from bicascade.serve.build import build, runtime_env
 log = logging.getLogger("bicascade")
 
 
-def direct_ingress(port: int) -> None:
-    """Serve's direct ingress (Ray 2.60, experimental): the Api replica answers HTTP on `port` itself, so no proxy
-    process sits between the client and the cascade (on 2 cores it tripled the searches/s, bench/query.py). One
-    ingress replica, since the port is one. Set before the local cluster starts: Serve's controller reads these
-    once, in the process the cluster starts for it."""
-    if os.environ.get("RAY_ADDRESS"):
-        raise BadInputError("direct ingress starts a cluster of its own: unset RAY_ADDRESS, or serve through "
-                            "Serve's proxies without it")
-    os.environ |= {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-                   "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),  # the range is [min, max): this port only
-                   "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
-                   "RAY_SERVE_PORT_QUARANTINE_S": "0",  # a restarted replica takes the port back at once
-                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0.5"}  # no load balancer to tell: 30 s
-
-
-def direct_ingress_on() -> bool:
-    return os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
-
-
 def deploy(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "bicascade",
            route_prefix: str = "/") -> str:
     """Deploy the app and return its URL once every deployment is healthy."""
-    if direct_ingress_on():
+    if runtime.direct_ingress_on():
         if config.replicas.get("Api", 1) != 1:
             raise BadInputError("direct ingress serves one port from one Api replica: drop Api from --replicas")
         config.replicas["Api"] = 1
-        port, served = runtime.free_port(host), port  # Serve still starts its proxy: on a port of its own, unused
-    else:
-        served = port
-    serve.start(http_options={"host": host, "port": port})
+    port = runtime.start_serve(host, port)
     serve.run(build(config), name=name, route_prefix=route_prefix)
-    return f"http://{host}:{served}{route_prefix.rstrip('/')}"
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
 def start(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "bicascade",
           route_prefix: str = "/", direct: bool = False) -> str:
     if direct:
-        direct_ingress(port)
+        runtime.direct_ingress(port)
     runtime.connect(runtime_env())
     return deploy(config, host, port, name, route_prefix)
 
@@ -71,9 +49,7 @@ def stop(flush: bool = True) -> None:
             log.info("flushed %d cached embeddings", flushed)
         except Exception as e:  # a replica lost on the way out: what it held is gone, say so
             log.warning("could not flush the caches: %s", e)
-    serve.shutdown()
-    release()
-    ray.shutdown()
+    runtime.shutdown(then=release)  # the writers last: stopping replicas may still send them writes
 
 
 def release() -> None:
@@ -106,7 +82,7 @@ def follow(config: AppConfig, host: str, port: int, done: threading.Event, every
         now = [r["fingerprint"] for r in db.recorded_ladder()]
         if now == seen:
             continue
-        if direct_ingress_on():  # a new Api replica would need the port the old one holds
+        if runtime.direct_ingress_on():  # a new Api replica would need the port the old one holds
             log.warning("%s now records ladder %s; direct ingress cannot swap it in while serving: restart "
                         "`bicascade serve` to serve it", config.db, db.recorded_ladder()[0]["ladder"])
             seen = now
@@ -125,7 +101,7 @@ def serve_forever(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, 
     done = threading.Event()
     Keys.read(config.api_keys)  # a bad key file fails before a cluster starts
     if direct:
-        direct_ingress(port)
+        runtime.direct_ingress(port)
     url = None
     try:
         runtime.connect(runtime_env(), dashboard=dashboard)
