@@ -105,8 +105,10 @@ def serve_forever(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, 
     url = None
     try:
         runtime.connect(runtime_env(), dashboard=dashboard)
-        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler that aborts
-            signal.signal(sig, lambda *_: done.set())
+        # after ray.init, which installs a SIGTERM handler that aborts; set from a thread: a second signal arriving
+        # while the handler is inside Event.set would wait forever on the lock the first one holds (seen here)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: threading.Thread(target=done.set, daemon=True).start())
         url = deploy(config, host, port)
         if config.ladder is None:  # following the database: a migration's new ladder is deployed as it lands
             threading.Thread(target=follow, args=(config, host, port, done), daemon=True).start()
