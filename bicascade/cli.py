@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cutoffs = "cutoffs m_1,m_2,... (default: 50,14 for three levels)"
     where = ('a filter as the HTTP API\'s `where` object, e.g. \'{"uri_prefix": "photos/2024/", "min_width": 1000}\' '
-             "(uri_prefix, caption, min_width, min_height, meta)")
+             "(uri_prefix, caption, min_width, min_height, meta, taken_after, taken_before, camera, near, media_type)")
 
     def command(name: str, func: Callable, help: str, json_out: bool = True, **kw) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, **kw)

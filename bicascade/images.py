@@ -22,6 +22,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms, ImageFile, ImageOps
 
+from bicascade import exif
 from bicascade.errors import BadInputError
 
 if TYPE_CHECKING:  # torch is imported where pixels become tensors, not by every decode task
@@ -47,17 +48,20 @@ def content_id(data: bytes) -> str:
 
 @dataclass
 class Decoded:
-    """An upright RGB image and the upright size of the original (the image itself may have been shrunk)."""
+    """An upright RGB image, the upright size of the original (the image itself may have been shrunk) and what the
+    file says about its capture."""
 
     rgb: Image.Image
     width: int
     height: int
+    capture: exif.Capture
 
 
 def _open(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if not data:
         raise BadInputError("empty file")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as said:  # what Pillow skipped while parsing (broken EXIF tags)
+        warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             im = Image.open(io.BytesIO(data))
@@ -67,6 +71,7 @@ def _open(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise BadInputError(f"not an image ({type(e).__name__}: {e})") from None
     if im.width * im.height > max_pixels:
         raise BadInputError(f"{im.width}x{im.height} exceeds {max_pixels} pixels (decompression bomb)")
+    im.info[exif.PARSE_WARNINGS] = [str(w.message) for w in said]
     return im
 
 
@@ -111,9 +116,12 @@ def decode(data: bytes, min_side: int = DECODE_SIDE, max_pixels: int = MAX_PIXEL
         if im.format == "JPEG" and min(im.size) > 2 * min_side:
             im.draft(im.mode, (min_side, min_side))  # decode at 1/2, 1/4 or 1/8 scale, never below min_side
         im.load()
-        if im.getexif().get(0x0112, 1) in ROTATED:  # read after load: TIFF has its tags only then
-            width, height = height, width
-        im = ImageOps.exif_transpose(im)
+        capture = exif.read(im)  # after load: TIFF has its tags only then
+        with contextlib.suppress(Exception):  # a malformed block: no rotation (exif.read has said so)
+            if im.getexif().get(0x0112, 1) in ROTATED:
+                width, height = height, width
+        with contextlib.suppress(Exception):  # a malformed orientation: the picture as stored
+            im = ImageOps.exif_transpose(im)
         rgb = to_rgb(im)
     except BadInputError:
         raise
@@ -123,7 +131,7 @@ def decode(data: bytes, min_side: int = DECODE_SIDE, max_pixels: int = MAX_PIXEL
         scale = min_side / min(rgb.size)
         rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BICUBIC,
                          reducing_gap=3.0)
-    return Decoded(rgb, width, height)
+    return Decoded(rgb, width, height, capture)
 
 
 def decode_file(path: str | Path, min_side: int = DECODE_SIDE) -> Decoded:

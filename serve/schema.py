@@ -59,6 +59,22 @@ FieldName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")]
 MetaValue = Annotated[str, Field(max_length=500, pattern=SAFE_TEXT)] | Num | Bool
 
 
+# a real calendar date (Feb 29 of a year that has none is the only date it admits that a search refuses), with an
+# optional time of day and no offset: capture times are the camera's clock
+When = Annotated[str, Field(max_length=40, pattern=r"^[1-9]\d{3}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|"
+                                                   r"(?:0[469]|11)-(?:0[1-9]|[12]\d|30)|02-(?:0[1-9]|1\d|2[0-9]))"
+                                                   r"(?:[T ](?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:\.\d{1,6})?)?)?$")]
+Name = Annotated[str, Field(min_length=1, max_length=500, pattern=SAFE_TEXT)]
+Names = Name | Annotated[list[Name], Field(min_length=1, max_length=100)]
+
+
+class Near(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lat: Num = Field(ge=-90, le=90)
+    lon: Num = Field(ge=-180, le=180)
+    km: Num = Field(gt=0, le=20_040)
+
+
 class Where(BaseModel):
     """Conditions on the images table, all of which must hold; applied before level 0 ranks."""
 
@@ -70,6 +86,13 @@ class Where(BaseModel):
     min_height: Int | None = Field(None, ge=0, le=1_000_000)
     meta: dict[FieldName, MetaValue | Annotated[list[MetaValue], Field(min_length=1, max_length=100)]] | None = Field(
         None, max_length=16, description="equality on fields of the source's metadata (any of a list)")
+    taken_after: When | None = Field(None, description="captured at or after this (the camera's clock): a date, or "
+                                                        "a date and time without offset")
+    taken_before: When | None = Field(None, description="captured before this (exclusive)")
+    camera: Names | None = Field(None, description="a case-insensitive part of the camera's make and model (any of a "
+                                                   "list)")
+    near: Near | None = Field(None, description="taken within km of a point (GPS)")
+    media_type: Names | None = Field(None, description="image/jpeg, image/heic, ... or jpeg, heic, ... (any of a list)")
 
 
 class Search(BaseModel):

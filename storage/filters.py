@@ -4,7 +4,9 @@ with a column, never text spliced into a query string."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,21 +20,31 @@ if TYPE_CHECKING:
 
 MAX_TEXT = 500  # longest prefix / substring / metadata value a filter takes
 MAX_FIELDS = 16
+EARTH_KM = 6371.0088
 Scalar = str | int | float | bool
 
 
 @dataclass(frozen=True)
 class Filter:
     """All conditions must hold. `meta` compares fields of the JSON metadata a source carried (parquet columns,
-    webdataset .json) for equality; a field may be given a list of accepted values."""
+    webdataset .json) for equality; a field may be given a list of accepted values. The capture conditions read the
+    columns the index job filled from each file's EXIF (bicascade.exif): an image that does not say, matches none."""
 
-    uri_prefix: str | None = None
+    uri_prefix: str | None = None  # a folder (or any prefix of the uri indexed)
     caption: str | None = None  # case-insensitive substring of the caption
     min_width: int | None = None
     min_height: int | None = None
     meta: dict[str, Scalar | list[Scalar]] = field(default_factory=dict)
+    taken_after: datetime | None = None  # the camera's wall-clock time, inclusive
+    taken_before: datetime | None = None  # exclusive: "2024-12-25" ends on the 24th
+    camera: tuple[str, ...] = ()  # any of these, a case-insensitive part of "make model"
+    near: tuple[float, float, float] | None = None  # (lat, lon, km): within km of the point, great-circle
+    media_type: tuple[str, ...] = ()  # any of these ("image/heic", or "heic")
 
-    COLUMNS = ("id", "uri", "caption", "width", "height", "meta")
+    COLUMNS = ("id", "uri", "caption", "width", "height", "meta", "taken", "camera_make", "camera_model", "lat", "lon",
+               "media_type")
+    FIELDS = ("uri_prefix", "caption", "min_width", "min_height", "meta", "taken_after", "taken_before", "camera",
+              "near", "media_type")
 
     @classmethod
     def parse(cls, doc: dict[str, Any] | None) -> Filter | None:
@@ -41,10 +53,9 @@ class Filter:
             return None
         if not isinstance(doc, dict):
             raise BadInputError("where: must be an object")
-        unknown = set(doc) - {"uri_prefix", "caption", "min_width", "min_height", "meta"}
+        unknown = set(doc) - set(cls.FIELDS)
         if unknown:
-            raise BadInputError(f"where: unknown fields {sorted(unknown)} (uri_prefix, caption, min_width, min_height, "
-                                "meta)")
+            raise BadInputError(f"where: unknown fields {sorted(unknown)} ({', '.join(cls.FIELDS)})")
         for key in ("uri_prefix", "caption"):
             if key in doc and (not isinstance(doc[key], str) or not 0 < len(doc[key]) <= MAX_TEXT):
                 raise BadInputError(f"where.{key}: must be a string of 1 to {MAX_TEXT} characters")
@@ -59,10 +70,13 @@ class Filter:
             if not 0 < len(name) <= 100 or not values or len(values) > 100 or not all(_scalar(v) for v in values):
                 raise BadInputError(f"where.meta.{name[:100]}: must be a string, number or boolean (or a list of up to "
                                     f"100), strings up to {MAX_TEXT} characters")
-        return cls(doc.get("uri_prefix"), doc.get("caption"), doc.get("min_width"), doc.get("min_height"), dict(meta))
+        after, before = _when(doc, "taken_after"), _when(doc, "taken_before")  # an empty range matches nothing
+        media = tuple(v.lower() if "/" in v else f"image/{v.lower()}" for v in _texts(doc, "media_type"))
+        return cls(doc.get("uri_prefix"), doc.get("caption"), doc.get("min_width"), doc.get("min_height"), dict(meta),
+                   after, before, _texts(doc, "camera"), _near(doc.get("near")), media)
 
     def key(self) -> str:
-        return json.dumps([self.uri_prefix, self.caption, self.min_width, self.min_height, self.meta], sort_keys=True)
+        return json.dumps([getattr(self, name) for name in self.FIELDS], sort_keys=True, default=str)
 
     def mask(self, rows: pa.Table) -> np.ndarray:
         """Which rows (of a table with `COLUMNS`) match."""
@@ -80,14 +94,38 @@ class Filter:
             for name, value in self.meta.items():
                 accepted = value if isinstance(value, list) else [value]
                 keep &= np.array([d.get(name, _MISSING) in accepted for d in docs], bool)
+        for when, compare in ((self.taken_after, pc.greater_equal), (self.taken_before, pc.less)):
+            if when is not None:
+                keep &= _bools(compare(rows["taken"].cast(pa.timestamp("us")), pa.scalar(when, pa.timestamp("us"))))
+        if self.camera:
+            camera = pc.binary_join_element_wise(pc.fill_null(rows["camera_make"], ""),
+                                                 pc.fill_null(rows["camera_model"], ""), " ")
+            keep &= np.any([_bools(pc.match_substring(camera, pattern=c, ignore_case=True)) for c in self.camera], 0)
+        if self.media_type:
+            keep &= _bools(pc.is_in(rows["media_type"], value_set=pa.array(self.media_type, pa.string())))
+        if self.near is not None:
+            lat0, lon0, km = self.near
+            keep &= km_between(_floats(rows["lat"]), _floats(rows["lon"]), lat0, lon0) <= km
         return keep
+
+
+def km_between(lat: np.ndarray, lon: np.ndarray, lat0: float, lon0: float) -> np.ndarray:
+    """Great-circle distances (haversine, mean Earth radius) from (lat0, lon0); NaN where a position is unknown."""
+    p, p0 = np.radians(lat), np.radians(lat0)
+    h = np.sin((p - p0) / 2) ** 2 + np.cos(p) * np.cos(p0) * np.sin(np.radians(lon - lon0) / 2) ** 2
+    return 2 * EARTH_KM * np.arcsin(np.sqrt(np.clip(h, 0, 1)))
 
 
 def matching(db: tables.Database, where: Filter) -> list[str]:
     """Ids of the indexed images `where` holds for."""
     from bicascade.storage import tables  # here: the rest of this module is pure pyarrow (fast mutation tests)
 
-    rows = db.dataset(tables.IMAGES).to_table(columns=list(Filter.COLUMNS))
+    dataset = db.dataset(tables.IMAGES)
+    rows = dataset.to_table(columns=[c for c in Filter.COLUMNS if c in dataset.schema.names])
+    for name in Filter.COLUMNS:  # a database indexed before the column existed: nothing to match on
+        if name not in rows.column_names:
+            rows = rows.append_column(tables.IMAGES_SCHEMA.field(name), pa.nulls(rows.num_rows,
+                                                                                tables.IMAGES_SCHEMA.field(name).type))
     return np.asarray(rows.column("id").to_pylist(), dtype=object)[where.mask(rows)].tolist()
 
 
@@ -96,6 +134,42 @@ _MISSING = object()
 
 def _scalar(v: Any) -> bool:
     return isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= MAX_TEXT)
+
+
+def _texts(doc: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = doc.get(key, [])
+    values = value if isinstance(value, list) else [value]
+    if len(values) > 100 or not all(isinstance(v, str) and 0 < len(v) <= MAX_TEXT for v in values):
+        raise BadInputError(f"where.{key}: must be a string of 1 to {MAX_TEXT} characters, or a list of up to 100")
+    return tuple(values)
+
+
+def _when(doc: dict[str, Any], key: str) -> datetime | None:
+    if key not in doc:
+        return None
+    try:
+        when = datetime.fromisoformat(doc[key]) if isinstance(doc[key], str) and len(doc[key]) <= 40 else None
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is not None:
+        raise BadInputError(f"where.{key}: must be a date or a date and time without offset (the camera's clock), "
+                            f"e.g. 2024-12-24 or 2024-12-24T18:30, got {str(doc[key])[:60]!r}")
+    return when
+
+
+def _near(value: Any) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, dict) and set(value) == {"lat", "lon", "km"} and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value.values())
+    if not ok or not (-90 <= value["lat"] <= 90 and -180 <= value["lon"] <= 180 and 0 < value["km"] <= 20_040):
+        raise BadInputError("where.near: must be {\"lat\": -90..90, \"lon\": -180..180, \"km\": above 0, at most "
+                            "20040}")
+    return float(value["lat"]), float(value["lon"]), float(value["km"])
+
+
+def _floats(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(pc.fill_null(arr.cast(pa.float64()), math.nan).to_numpy(zero_copy_only=False), np.float64)
 
 
 def _bools(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -34,6 +34,17 @@ IMAGES_SCHEMA = pa.schema([
     pa.field("height", pa.int32()),
     pa.field("caption", pa.string()),
     pa.field("meta", pa.string()),  # JSON of the source's other columns
+    # what the file says about its capture (bicascade.exif; null where it says nothing) and what the source says
+    pa.field("media_type", pa.string()),
+    pa.field("taken", pa.timestamp("us")),  # the camera's wall-clock time
+    pa.field("taken_offset", pa.int16()),  # its offset from UTC in minutes, when recorded
+    pa.field("camera_make", pa.string()),
+    pa.field("camera_model", pa.string()),
+    pa.field("lens", pa.string()),
+    pa.field("lat", pa.float64()),
+    pa.field("lon", pa.float64()),
+    pa.field("file_size", pa.int64()),  # of the original, in bytes
+    pa.field("modified", pa.timestamp("us", tz="UTC")),  # the file's modification time (folder sources)
 ])
 SOURCES_SCHEMA = pa.schema([pa.field("uri", pa.string()), pa.field("id", pa.string())])
 ERRORS_SCHEMA = pa.schema([pa.field("uri", pa.string()), pa.field("stage", pa.string()),
@@ -120,12 +131,17 @@ class Database:
         self._lock = threading.Lock()
 
     def table(self, name: str, schema: pa.Schema | None = None) -> lancedb.table.Table:
-        """The table `name`, opened once (created empty with `schema` when given and missing)."""
+        """The table `name`, opened once (created empty with `schema` when given and missing; given the columns of
+        `schema` it lacks, as nulls, when a database made by an older version is written to)."""
         with self._lock:
             if name not in self._open:
                 self._open[name] = (self.db.create_table(name, schema=schema, exist_ok=True) if schema is not None
                                     else self.db.open_table(name))
-            return self._open[name]
+            table = self._open[name]
+            missing = [f for f in schema or [] if f.name not in table.schema.names]
+            if missing:
+                table.add_columns(pa.schema(missing))
+            return table
 
     def dataset(self, name: str):
         """The Lance dataset of `name` at its latest version (reopened only after a commit)."""

@@ -2,6 +2,7 @@
 keeps (the served path, through HTTP, is in test_product)."""
 import dataclasses
 import json
+from datetime import datetime
 
 import pyarrow as pa
 import pytest
@@ -17,6 +18,14 @@ ROWS = pa.table({
     "height": [480, 768, 300, 100, 2000],
     "meta": [json.dumps({"camera": "X100", "year": 2024, "fav": True}), json.dumps({"camera": "Pixel", "year": 2023}),
              "not json", json.dumps([1, 2]), None],
+    # capture metadata as the index job stores it (bicascade.exif): the camera's clock, make and model, GPS, type
+    "taken": pa.array([datetime(2024, 12, 24, 18, 30), datetime(2024, 12, 25, 0, 0), None,
+                       datetime(2023, 7, 1, 9, 0), datetime(2024, 12, 24, 0, 0)], pa.timestamp("us")),
+    "camera_make": ["Canon", "Apple", None, "FUJIFILM", None],
+    "camera_model": ["EOS R5", "iPhone 15 Pro", None, "X100V", "Pixel 8"],
+    "lat": [48.8584, 48.8606, None, 51.5007, -33.8568],  # Eiffel tower, the Louvre, -, Big Ben, Sydney opera
+    "lon": [2.2945, 2.3376, None, -0.1246, 151.2153],
+    "media_type": ["image/jpeg", "image/heic", "image/jpeg", "image/tiff", None],
 })
 
 
@@ -45,6 +54,21 @@ def test_no_filter_is_none():
     ({"meta": {"camera": "X100", "year": 2023}}, []),  # every field must hold
     ({"meta": {"lens": "35mm"}}, []),  # a field no row has; rows without JSON objects never match
     ({"uri_prefix": "/photos/", "caption": "dog", "min_width": 1000, "min_height": 700}, ["b"]),
+    ({"taken_after": "2024-12-24"}, ["a", "b", "e"]),  # inclusive: midnight of the 24th is in; no date, never
+    ({"taken_after": "2024-12-24T18:30:00.000001"}, ["b"]),
+    ({"taken_before": "2024-12-25"}, ["a", "d", "e"]),  # exclusive: midnight of the 25th is out
+    ({"taken_after": "2024-12-24 12:00", "taken_before": "2024-12-25T00:00:01"}, ["a", "b"]),
+    ({"taken_after": "2024-12-25", "taken_before": "2024-12-24"}, []),  # an empty range matches nothing
+    ({"camera": "canon"}, ["a"]),  # a case-insensitive part of "make model"
+    ({"camera": "apple iphone"}, ["b"]),
+    ({"camera": ["x100", "pixel"]}, ["d", "e"]),  # any of a list; the model alone when the make is unknown
+    ({"near": {"lat": 48.8584, "lon": 2.2945, "km": 1}}, ["a"]),  # the Louvre is 3.3 km from the tower
+    ({"near": {"lat": 48.8584, "lon": 2.2945, "km": 3.5}}, ["a", "b"]),
+    ({"near": {"lat": 48.8584, "lon": 2.2945, "km": 345}}, ["a", "b", "d"]),  # London is 341 km away
+    ({"near": {"lat": -33.85, "lon": 151.21, "km": 2}}, ["e"]),
+    ({"media_type": "heic"}, ["b"]),  # short names are image/...
+    ({"media_type": ["image/jpeg", "TIFF"]}, ["a", "c", "d"]),
+    ({"uri_prefix": "/photos/", "taken_after": "2024-01-01", "camera": "EOS", "media_type": "jpeg"}, ["a"]),
 ])
 def test_each_field_keeps_exactly_the_matching_rows(where, want):
     assert kept(where) == want
@@ -74,6 +98,19 @@ def test_an_empty_table_gives_an_empty_mask():
     ({"meta": {"camera": {"a": 1}}}, "where.meta.camera: must be"),
     ({"meta": {"camera": None}}, "where.meta.camera: must be"),
     ({"meta": {"camera": "x" * (MAX_TEXT + 1)}}, "where.meta.camera: must be"),
+    ({"taken_after": "yesterday"}, "where.taken_after: must be a date"),
+    ({"taken_after": "2024-02-30"}, "where.taken_after: must be a date"),
+    ({"taken_before": "2024-12-24T18:30+01:00"}, "where.taken_before: must be a date"),  # offsets: the camera's clock
+    ({"taken_before": 20241224}, "where.taken_before: must be a date"),
+    ({"camera": ""}, "where.camera: must be a string"),
+    ({"camera": [1]}, "where.camera: must be a string"),
+    ({"media_type": ["jpeg"] * 101}, "where.media_type: must be a string"),
+    ({"near": {"lat": 48.8, "lon": 2.3}}, "where.near: must be"),
+    ({"near": {"lat": 91, "lon": 2.3, "km": 1}}, "where.near: must be"),
+    ({"near": {"lat": 48.8, "lon": 2.3, "km": 0}}, "where.near: must be"),
+    ({"near": {"lat": 48.8, "lon": True, "km": 1}}, "where.near: must be"),
+    ({"near": {"lat": float("nan"), "lon": 2.3, "km": 1}}, "where.near: must be"),
+    ({"near": [48.8, 2.3, 1]}, "where.near: must be"),
 ])
 def test_bad_filters_name_the_field(where, message):
     with pytest.raises(BadInputError) as e:
@@ -103,5 +140,9 @@ def test_equal_filters_share_a_key_and_different_ones_do_not():
     a = Filter.parse({"caption": "cat", "meta": {"x": 1, "y": 2}})
     assert a.key() == Filter.parse({"meta": {"y": 2, "x": 1}, "caption": "cat"}).key()
     keys = {Filter.parse(w).key() for w in ({"caption": "cat"}, {"uri_prefix": "cat"}, {"min_width": 1},
-                                              {"min_height": 1}, {"meta": {"caption": "cat"}})}
-    assert len(keys) == 5
+                                              {"min_height": 1}, {"meta": {"caption": "cat"}},
+                                              {"taken_after": "2024-01-01"}, {"taken_before": "2024-01-01"},
+                                              {"camera": "cat"}, {"media_type": "cat"},
+                                              {"near": {"lat": 1, "lon": 2, "km": 3}},
+                                              {"near": {"lat": 1, "lon": 2, "km": 4}})}
+    assert len(keys) == 11

@@ -253,3 +253,73 @@ def test_changed_weights_key_a_new_table_and_a_recorded_checkpoint_must_not_chan
     models.save_checkpoint(loaded.model, ckpt)
     with pytest.raises(MissingWeightsError, match="changed since"):
         query.open_ladder(tables.Database(db), None)
+
+
+def test_capture_metadata_is_indexed_as_typed_columns_and_filters_every_search(tmp_path):
+    """Phone and camera files of every kind: what their EXIF says lands in typed columns (a file that says nothing
+    gets nulls, a broken EXIF block a warning, never an error), and `where` filters on it before level 0 ranks. A
+    database indexed before these columns existed gets them as nulls on its next run, and filters read it meanwhile."""
+    from datetime import datetime, timedelta
+
+    from test_images import camera_exif
+
+    import bicascade
+    from bicascade.storage import filters
+
+    root = tmp_path / "library"
+    (root / "2024" / "paris").mkdir(parents=True)
+    (root / "2023").mkdir()
+    save(picture(1, (64, 48)), root / "2024" / "paris" / "tower.jpg", quality=92, exif=camera_exif(orientation=6))
+    save(picture(2, (64, 48)), root / "2024" / "paris" / "louvre.heic", quality=90,
+         exif=camera_exif(taken="2024:12:26 10:00:00", offset="+01:00", make="Apple", model="iPhone 15 Pro",
+                          gps=("N", (48.0, 51.0, 38.2), "E", (2.0, 20.0, 15.4))))
+    save(picture(3, (64, 48)), root / "2023" / "scan.png")  # no EXIF at all
+    save(picture(4, (64, 48)), root / "2023" / "old.tif", exif=camera_exif(make="NIKON", model="D850"))
+    broken = bytearray((save(picture(5, (64, 48)), root / "2023" / "broken.jpg", quality=90,
+                             exif=camera_exif())).read_bytes())
+    at = broken.find(b"Exif\x00\x00")
+    broken[at + 20:at + 60] = b"\xff" * 40
+    (root / "2023" / "broken.jpg").write_bytes(bytes(broken))
+    db = str(tmp_path / "db")
+    doc = index.run_index(str(root), db, LADDER)
+    assert (doc.new_rows, doc.errors) == (5, 0)
+    rows = {os.path.basename(r["uri"]): r for r in read(db, tables.IMAGES)}
+    tower, louvre, scan = rows["tower.jpg"], rows["louvre.heic"], rows["scan.png"]
+    assert (tower["taken"], tower["taken_offset"], tower["camera_make"], tower["camera_model"]) == \
+        (datetime(2024, 12, 24, 18, 30), 60, "Canon", "EOS R5")
+    assert (tower["width"], tower["height"], tower["media_type"]) == (48, 64, "image/jpeg")  # upright
+    assert (tower["lat"], tower["lon"]) == pytest.approx((48.8584, 2.2945), abs=1e-4)
+    assert tower["file_size"] == (root / "2024" / "paris" / "tower.jpg").stat().st_size
+    modified = datetime.fromtimestamp((root / "2024" / "paris" / "tower.jpg").stat().st_mtime).astimezone()
+    assert abs(tower["modified"] - modified) < timedelta(seconds=1)
+    assert (louvre["media_type"], louvre["camera_model"]) == ("image/heic", "iPhone 15 Pro")
+    assert scan["media_type"] == "image/png" and all(scan[k] is None for k in (
+        "taken", "taken_offset", "camera_make", "camera_model", "lens", "lat", "lon"))
+    assert (rows["old.tif"]["media_type"], rows["old.tif"]["camera_make"]) == ("image/tiff", "NIKON")
+    assert rows["broken.jpg"]["camera_make"] is None
+    warned = [e for e in read(db, tables.ERRORS) if e["stage"] == "metadata"]
+    assert [os.path.basename(e["uri"]) for e in warned] == ["broken.jpg"] and "malformed EXIF" in warned[0]["error"]
+
+    photos = bicascade.open(db)
+
+    def found(where: dict) -> set[str]:
+        return {os.path.basename(h.uri) for h in photos.search("a photo", k=10, where=where)}
+    assert found({"camera": "canon"}) == {"tower.jpg"}
+    # the broken block lost IFD0 (make, model) but its GPS directory still reads: kept
+    assert found({"near": {"lat": 48.8584, "lon": 2.2945, "km": 5}}) == {"tower.jpg", "louvre.heic", "broken.jpg"}
+    assert found({"near": {"lat": 48.8584, "lon": 2.2945, "km": 1}}) == {"tower.jpg", "broken.jpg"}
+    assert found({"taken_after": "2024-12-25"}) == {"louvre.heic"}
+    assert found({"media_type": ["heic", "png"]}) == {"louvre.heic", "scan.png"}
+    assert found({"uri_prefix": str(root / "2023") + "/", "camera": "nikon"}) == {"old.tif"}
+    r = cli("search", "a photo", "--db", db, "--k", "3", "--json", "--where", '{"camera": "iphone"}')
+    assert [os.path.basename(h["uri"]) for h in json.loads(r.stdout)["results"]] == ["louvre.heic"]
+
+    # an older database: the capture columns are gone; filters read nulls, the next index run adds them back
+    lancedb.connect(db).open_table(tables.IMAGES).drop_columns(["taken", "camera_make", "lat", "media_type"])
+    older = tables.Database(db)
+    assert filters.matching(older, filters.Filter.parse({"camera": "EOS"})) == [tower["id"]]  # the model is left
+    assert filters.matching(older, filters.Filter.parse({"taken_after": "2000-01-01"})) == []
+    save(picture(6, (64, 48)), root / "2024" / "new.jpg", quality=90, exif=camera_exif(make="Sony", model="A7"))
+    assert index.run_index(str(root), db).new_rows == 1
+    rows = {os.path.basename(r["uri"]): r for r in read(db, tables.IMAGES)}
+    assert rows["new.jpg"]["camera_make"] == "Sony" and rows["tower.jpg"]["camera_make"] is None

@@ -73,6 +73,16 @@ def test_filters_apply_before_level_0_so_k_matching_images_come_back(url, tiny_d
         == matching[-1]
     none = post(url, {"query": "a large red circle", "where": {"uri_prefix": "/no/such/folder/"}})
     assert none["results"] == []
+    # capture filters over HTTP: the world's files record no camera, date or place, so none matches; the types do
+    png = post(url, {"query": "a large red circle", "k": 3, "where": {"media_type": ["png", "image/jpeg"]}})
+    assert len(png["results"]) == 3
+    for where in ({"camera": "canon"}, {"taken_after": "2000-01-01T00:00"}, {"near": {"lat": 0, "lon": 0, "km": 1e4}},
+                  {"media_type": "heic"}):
+        assert post(url, {"query": "a large red circle", "where": where})["results"] == [], where
+    for where in ({"taken_after": "2024-02-30"}, {"taken_before": "2024-12-24T18:30+01:00"}, {"near": {"lat": 0}},
+                  {"camera": []}):
+        r = requests.post(f"{url}/search", json={"query": "a circle", "where": where}, timeout=30)
+        assert r.status_code == 422 and "where" in r.text, (where, r.text)
 
 
 def flushed_vectors(db: tables.Database, fingerprint: str, ids: list[str], timeout_s: float = 60) -> np.ndarray:

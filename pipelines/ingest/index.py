@@ -6,16 +6,18 @@ actor when present) -> the driver, the single writer, commits bounded batches to
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from bicascade import images, models, query, registry
+from bicascade import exif, images, models, query, registry
 from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import ResolvedLadder
 from bicascade.pipelines import runtime
@@ -65,12 +67,14 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[
     """Read, hash, decode and crop each image on its own: a bad file never takes its block down."""
     prep = images.Preprocessor(preprocess_cfg)
     out: dict[str, list] = {k: [] for k in ("uri", "id", "status", "stage", "error", "bytes", "width", "height",
-                                            "caption", "meta", "pixels")}
+                                            "caption", "meta", "pixels", "warning", *CAPTURE_TEXT, *CAPTURE_NUMBERS)}
     for i in range(len(batch["uri"])):
         uri = str(batch["uri"][i])
         row = {"uri": uri, "id": "", "status": "new", "stage": "", "error": "", "bytes": b"", "width": 0,
                "height": 0, "caption": _opt(batch, "caption", i), "meta": _opt(batch, "meta", i),
-               "pixels": prep.blank()}
+               "pixels": prep.blank(), "warning": None, **dict.fromkeys(CAPTURE_TEXT),
+               **dict.fromkeys(CAPTURE_NUMBERS, math.nan)}
+        row["modified"] = _opt(batch, "modified", i) or math.nan
         stage = "read"
         try:
             if uri in done:
@@ -89,7 +93,7 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[
                     decoded = images.decode(data)
                     stage = "preprocess"
                     row.update(bytes=images.stored_bytes(data, decoded), width=decoded.width, height=decoded.height,
-                               pixels=prep.crop(decoded.rgb))
+                               pixels=prep.crop(decoded.rgb), file_size=len(data), **capture_fields(decoded.capture))
         except Exception as e:  # every failure is recorded per image, with its stage
             row.update(status="error", stage=stage, error=f"{type(e).__name__}: {e}"[:500])
         for k, v in row.items():
@@ -97,6 +101,35 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[
     result = {k: np.array(v, dtype=object) for k, v in out.items() if k != "pixels"}
     result["pixels"] = np.stack(out["pixels"])
     return result
+
+
+CAPTURE_TEXT = ("media_type", "camera_make", "camera_model", "lens")
+# numbers between the tasks and the writer: NaN where unknown (a float column in every block, never a null one)
+CAPTURE_NUMBERS = ("taken", "taken_offset", "lat", "lon", "file_size", "modified")
+EPOCH = datetime(1970, 1, 1)
+
+
+def capture_fields(capture: exif.Capture) -> dict[str, Any]:
+    """A decoded image's capture metadata as the columns decode_batch ships (the capture time in seconds since the
+    epoch of its own wall clock)."""
+    nan = math.nan
+    return {"media_type": capture.media_type, "camera_make": capture.camera_make, "camera_model": capture.camera_model,
+            "lens": capture.lens, "warning": capture.warning,
+            "taken": (capture.taken - EPOCH).total_seconds() if capture.taken else nan,
+            "taken_offset": nan if capture.taken_offset is None else capture.taken_offset,
+            "lat": nan if capture.lat is None else capture.lat, "lon": nan if capture.lon is None else capture.lon}
+
+
+def image_row(batch: dict[str, np.ndarray], i: int, id_: str, uri: str) -> dict[str, Any]:
+    """The `images` row of item i of a decoded batch."""
+    taken, offset, size, modified = (_opt(batch, k, i) for k in ("taken", "taken_offset", "file_size", "modified"))
+    return {"id": id_, "uri": uri, "bytes": bytes(batch["bytes"][i]), "width": int(batch["width"][i]),
+            "height": int(batch["height"][i]), "caption": _opt(batch, "caption", i), "meta": _opt(batch, "meta", i),
+            **{k: _opt(batch, k, i) for k in (*CAPTURE_TEXT, "lat", "lon")},
+            "taken": None if taken is None else EPOCH + timedelta(seconds=float(taken)),
+            "taken_offset": None if offset is None else int(offset),
+            "file_size": None if size is None else int(size),
+            "modified": None if modified is None else datetime.fromtimestamp(float(modified), timezone.utc)}
 
 
 def _opt(batch: dict, key: str, i: int) -> Any:
@@ -169,11 +202,12 @@ class Writer:
                     self.vectors.append(batch["vector"][i])
                     if id_ not in self.stored:
                         self.stored.add(id_)
-                        data = bytes(batch["bytes"][i])
-                        self.bytes += len(data)
-                        self.images.append({"id": id_, "uri": uri, "bytes": data, "width": int(batch["width"][i]),
-                                            "height": int(batch["height"][i]), "caption": _opt(batch, "caption", i),
-                                            "meta": _opt(batch, "meta", i)})
+                        row = image_row(batch, i, id_, uri)
+                        self.bytes += len(row["bytes"])
+                        self.images.append(row)
+                        if _opt(batch, "warning", i):  # indexed all the same; the warning is kept with the errors
+                            self.errors.append({"uri": uri, "stage": "metadata", "error": str(batch["warning"][i]),
+                                                "run": self.run})
                     self.new_rows += 1
                 else:  # the same bytes again: one row, this uri only joins the ledger
                     self.skipped += 1
@@ -240,13 +274,13 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
     cpus = ray.cluster_resources().get("CPU", 1)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if src.kind == "files":
-        uris = [src.scheme + u for u in src.units]
+        uris = {src.scheme + u: src.modified.get(u, math.nan) for u in src.units}
         total = len(uris)
         todo = [u for u in uris if u not in done]
         pre_skipped = total - len(todo)
         # small blocks: steady commits, bounded memory; and at least one per encoder, so a small folder uses them all
         blocks = max(1, min(len(todo), max(len(todo) // (4 * config.batch_size), int(cpus) + gpus)))
-        ds = ray.data.from_items([{"uri": u} for u in todo], override_num_blocks=blocks)
+        ds = ray.data.from_items([{"uri": u, "modified": uris[u]} for u in todo], override_num_blocks=blocks)
     else:
         reader = sources.parquet_rows if src.kind == "parquet" else sources.tar_rows
         total, pre_skipped = sources.count_rows(src), 0
