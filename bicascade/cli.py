@@ -163,8 +163,15 @@ def _held_out(labels: str | None, db, world: str | None):
 def cmd_index(args: argparse.Namespace) -> None:
     from bicascade.pipelines.ingest import index
 
-    config = index.IndexConfig(batch_size=args.batch_size, ann_min_rows=args.ann_min_rows)
+    config = index.IndexConfig(batch_size=args.batch_size, ann_min_rows=args.ann_min_rows,
+                               sync=args.sync or args.watch is not None)
     emit(args, index.run_index(args.source, args.db, args.ladder, config))
+    try:
+        while args.watch is not None:  # until Ctrl-C: each pass adds, re-reads and removes what changed since the last
+            time.sleep(args.watch)
+            emit(args, index.run_index(args.source, args.db, args.ladder, config))
+    except KeyboardInterrupt:
+        pass
 
 
 def _where(text: str) -> dict:
@@ -351,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
     p.add_argument("--ann-min-rows", type=int, default=100_000,
                    help="build level 0's ANN index from this many rows (default 100000; below, exact search)")
+    p.add_argument("--sync", action="store_true", help="a folder: also remove the images of files gone from it and "
+                                                       "re-read files that changed (a served database sees it)")
+    p.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                   help="sync again every SECONDS until Ctrl-C (implies --sync)")
 
     p = command("search", cmd_search, "one cascaded query in process (no server); writes computed embeddings back")
     p.add_argument("text", nargs="?", help="what to look for (or --image)")

@@ -46,7 +46,8 @@ IMAGES_SCHEMA = pa.schema([
     pa.field("file_size", pa.int64()),  # of the original, in bytes
     pa.field("modified", pa.timestamp("us", tz="UTC")),  # the file's modification time (folder sources)
 ])
-SOURCES_SCHEMA = pa.schema([pa.field("uri", pa.string()), pa.field("id", pa.string())])
+SOURCES_SCHEMA = pa.schema([pa.field("uri", pa.string()), pa.field("id", pa.string()),
+                            pa.field("modified", pa.timestamp("us", tz="UTC"))])  # the file's, when listed (sync)
 ERRORS_SCHEMA = pa.schema([pa.field("uri", pa.string()), pa.field("stage", pa.string()),
                            pa.field("error", pa.string()), pa.field("run", pa.string())])
 RUNS_SCHEMA = pa.schema([pa.field("run", pa.string()), pa.field("source", pa.string()),
@@ -285,6 +286,19 @@ class Database:
                 _retrying(lambda n=name, b=batch: self.table(n).delete(col("id").isin(b)))
             removed[name] = before - self.count(name)
         return removed
+
+    def forget_uris(self, uris: Sequence[str]) -> None:
+        """Take uris out of the ingest ledger and the error log (their files are gone or changed)."""
+        for name in (SOURCES, ERRORS):
+            if self.has(name):
+                for start in range(0, len(uris), 1000):
+                    batch = list(uris[start:start + 1000])
+                    _retrying(lambda n=name, b=batch: self.table(n).delete(col("uri").isin(b)))
+
+    def relocate(self, uris: dict[str, str]) -> None:
+        """Point images (id -> uri) at another path their bytes are indexed from."""
+        for id_, uri in uris.items():
+            _retrying(lambda i=id_, u=uri: self.table(IMAGES).update(where=col("id") == i, values={"uri": u}))
 
     def append(self, name: str, schema: pa.Schema, rows: Sequence[dict]) -> None:
         if rows:

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from bicascade.storage import cache, tables, verify
 
@@ -208,7 +209,7 @@ def test_a_database_turned_read_only_keeps_answering(tiny_db, tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_a_live_index_update_under_a_query_stream_fails_no_request(tiny_db, tmp_path):
+def test_a_live_index_update_and_a_folder_sync_under_a_query_stream_fail_no_request(tiny_db, tmp_path):
     from bicascade.pipelines.lab import world
 
     db = copy_db(tiny_db, tmp_path / "db")
@@ -236,12 +237,33 @@ def test_a_live_index_update_under_a_query_stream_fails_no_request(tiny_db, tmp_
                 break
             time.sleep(0.5)
         delay = time.monotonic() - indexed
+        assert got["results"] and all(r["uri"].startswith(prefix) for r in got["results"])
+        assert delay <= 30 and requests.get(f"{server.url}/stats", timeout=60).json()["rows"] == 360
+
+        # the folder changes under the server: 10 files deleted, 5 rewritten with new pixels, 1 added; --sync
+        files = sorted((extra / "test").glob("*.jpg"))
+        gone = files[:10]
+        for f in gone:
+            f.unlink()
+        for f in files[10:15]:
+            Image.open(f).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(f, quality=90)
+            os.utime(f, (f.stat().st_atime, f.stat().st_mtime + 10))
+        Image.open(files[20]).rotate(90).save(extra / "test" / "new.jpg", quality=90)
+        synced = cli_json("index", str(extra / "test"), "--db", db, "--sync")
+        assert (synced["gone"], synced["changed"], synced["removed"], synced["new_rows"]) == (10, 5, 15, 6), synced
+        t1 = time.monotonic()
+        while time.monotonic() - t1 < 60:
+            rows = requests.get(f"{server.url}/stats", timeout=60).json()["rows"]
+            found = requests.post(f"{server.url}/search", json={"query": "a small red star", "k": 14, "where": {
+                "uri_prefix": str(files[0].parent)}}, timeout=120).json()["results"]
+            if rows == 351 and not {r["uri"] for r in found} & {str(f) for f in gone}:
+                break
+            time.sleep(0.5)
+        seen = time.monotonic() - t1
         stop.set()
         t.join(timeout=120)
-        assert got["results"] and all(r["uri"].startswith(prefix) for r in got["results"])
-        assert delay <= 30 and statuses and set(statuses) == {200}
-        rows = requests.get(f"{server.url}/stats", timeout=60).json()["rows"]
-        assert rows == 360
+        assert rows == 351 and seen <= 30 and statuses and set(statuses) == {200}
         print(json.dumps({"requests": len(statuses), "non_200": 0, "index_s": round(indexed - t0, 1),
-                          "searchable_after_s": round(delay, 1)}))
+                          "searchable_after_s": round(delay, 1), "sync": {k: synced[k] for k in (
+                              "gone", "changed", "removed", "new_rows")}, "sync_seen_after_s": round(seen, 1)}))
     verified(db)

@@ -323,3 +323,28 @@ def test_capture_metadata_is_indexed_as_typed_columns_and_filters_every_search(t
     assert index.run_index(str(root), db).new_rows == 1
     rows = {os.path.basename(r["uri"]): r for r in read(db, tables.IMAGES)}
     assert rows["new.jpg"]["camera_make"] == "Sony" and rows["tower.jpg"]["camera_make"] is None
+
+
+def test_sync_keeps_an_image_whose_bytes_live_on_at_another_path(tmp_path):
+    root = tmp_path / "folder"
+    root.mkdir()
+    a = save(picture(1), root / "a.png")
+    (root / "b.png").write_bytes(a.read_bytes())  # the same image at two paths: one row
+    save(picture(2), root / "c.png")
+    db = str(tmp_path / "db")
+    first = index.run_index(str(root), db, LADDER, index.IndexConfig(sync=True))
+    assert (first.new_rows, first.gone, first.changed, first.removed) == (2, 0, 0, 0)
+    kept_id = {os.path.basename(r["uri"]): r["id"] for r in read(db, tables.SOURCES)}["a.png"]
+    a.unlink()
+    (root / "c.png").unlink()
+    second = index.run_index(str(root), db, config=index.IndexConfig(sync=True))
+    assert (second.new_rows, second.gone, second.changed, second.removed) == (0, 2, 0, 1)
+    images = read(db, tables.IMAGES)
+    assert [(r["id"], os.path.basename(r["uri"])) for r in images] == [(kept_id, "b.png")]  # now under b.png
+    assert [os.path.basename(r["uri"]) for r in read(db, tables.SOURCES)] == ["b.png"]
+    assert index.run_index(str(root), db, config=index.IndexConfig(sync=True)).gone == 0  # nothing left to do
+    r = cli("verify", "--db", db, "--json", check=False)
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"], r.stdout[-2000:]
+    pq.write_table(pa.table({"bytes": [a.read_bytes() if a.exists() else b"x"]}), tmp_path / "rows.parquet")
+    with pytest.raises(BadInputError, match="--sync keeps a folder"):
+        index.run_index(str(tmp_path / "rows.parquet"), db, config=index.IndexConfig(sync=True))

@@ -21,7 +21,7 @@ from bicascade import exif, images, models, query, registry
 from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import ResolvedLadder
 from bicascade.pipelines import runtime
-from bicascade.pipelines.ingest import sources
+from bicascade.pipelines.ingest import sources, sync
 from bicascade.storage import tables
 
 log = logging.getLogger("bicascade")
@@ -35,6 +35,7 @@ class IndexConfig:
     batch_size: int = 64  # images per encoder call
     flush_rows: int = 4096  # rows per LanceDB commit (or 64 MiB of image bytes, whichever comes first)
     ann_min_rows: int = 100_000  # below this, exact search beats an ANN index
+    sync: bool = False  # a folder: also remove what left it and re-read what changed (pipelines/ingest/sync.py)
 
 
 @dataclass
@@ -54,13 +55,18 @@ class IndexReport:
     model: str
     ladder: str
     ann: str
+    gone: int = 0  # --sync: indexed files no longer in the folder
+    changed: int = 0  # --sync: indexed files with new contents (re-read; their new images count in new_rows)
+    removed: int = 0  # --sync: images removed with them (not those whose bytes are also indexed at another path)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def format(self) -> str:
+        synced = f"; {self.gone} files gone, {self.changed} changed, {self.removed} images removed" \
+            if self.gone or self.changed else ""
         return (f"{self.rows} rows in {self.table} ({self.new_rows} new, {self.errors} errors, {self.skipped} skipped) "
-                f"in {self.seconds} s, {self.images_per_s} images/s")
+                f"in {self.seconds} s, {self.images_per_s} images/s{synced}")
 
 
 def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[str], done: set[str]) -> dict:
@@ -211,7 +217,9 @@ class Writer:
                     self.new_rows += 1
                 else:  # the same bytes again: one row, this uri only joins the ledger
                     self.skipped += 1
-                self.ledger.append({"uri": uri, "id": id_})
+                modified = _opt(batch, "modified", i)
+                self.ledger.append({"uri": uri, "id": id_, "modified": None if modified is None else
+                                    datetime.fromtimestamp(float(modified), timezone.utc)})
         if len(self.ledger) + len(self.errors) >= self.flush_rows or self.bytes >= self.flush_bytes:
             self.flush()
 
@@ -258,6 +266,8 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
     pp_cfg, dim = models.preprocessing(spec)
     emb = tables.emb_table(level0.fingerprint)
     query.record(db, resolved)
+    synced = sync.plan(db, src) if config.sync else sync.SyncPlan([], [])
+    removed = sync.apply(db, synced)
     known = db.ids(emb)
     stored = db.ids(tables.IMAGES)
     done = db.done_uris(known)
@@ -328,7 +338,8 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
                          images_per_s=round(writer.new_rows / seconds, 2),
                          startup_s=round(startup, 2) if startup is not None else None,
                          table_version=db.version(emb), table=emb,
-                         model=spec.name, ladder=resolved.name, ann=params.index_type if params else "exact")
+                         model=spec.name, ladder=resolved.name, ann=params.index_type if params else "exact",
+                         gone=len(synced.gone), changed=len(synced.changed), removed=removed)
     db.append(tables.RUNS, tables.RUNS_SCHEMA, [{"run": run, "source": source, "model": spec.name,
                                                  "fingerprint": level0.fingerprint, "status": "done", "rows": rows,
                                                  "new_rows": writer.new_rows, "errors": writer.error_count,

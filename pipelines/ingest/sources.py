@@ -38,6 +38,7 @@ class Source:
     scheme: str  # prefix that turns a filesystem path back into a URI ("" for local paths)
     ignored: dict[str, int] = field(default_factory=dict)  # files of a folder that are no image, by extension
     modified: dict[str, float] = field(default_factory=dict)  # image file -> modification time (s), from the listing
+    root: str = ""  # the listed path (a folder or one file), without the scheme
 
 
 def list_source(uri: str) -> Source:
@@ -49,7 +50,7 @@ def list_source(uri: str) -> Source:
     listed = [info] if info.type == pafs.FileType.File else \
         [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if f.type == pafs.FileType.File]
     mtimes = {f.path: f.mtime.timestamp() for f in listed if f.mtime is not None}
-    files = sorted(mtimes.keys() | {f.path for f in listed})
+    files = sorted(f.path for f in listed)
     lower = [f.lower() for f in files]
     if any(f.endswith(".parquet") for f in lower):
         return Source(uri, "parquet", [f for f in files if f.lower().endswith(".parquet")], scheme)
@@ -58,7 +59,8 @@ def list_source(uri: str) -> Source:
     others = Counter(posixpath.splitext(low)[1] or "(none)" for low in lower
                      if not low.endswith(IMAGE_EXTS) and not posixpath.basename(low).startswith("."))
     kept = [f for f, low in zip(files, lower) if low.endswith(IMAGE_EXTS)]
-    return Source(uri, "files", kept, scheme, dict(others.most_common()), {f: mtimes[f] for f in kept if f in mtimes})
+    return Source(uri, "files", kept, scheme, dict(others.most_common()), {f: mtimes[f] for f in kept if f in mtimes},
+                  path)
 
 
 def count_rows(source: Source) -> int | None:
