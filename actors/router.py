@@ -23,7 +23,7 @@ from bicascade.cascade import Cascade, Level, f_life
 from bicascade.errors import NotIndexedError
 from bicascade.levels import LevelInfo
 from bicascade.protocol import SearchRequest, SearchResponse, answer
-from bicascade.storage import cache, filters, tables
+from bicascade.storage import cache, filters, keywords, tables
 
 log = logging.getLogger("bicascade")
 
@@ -311,13 +311,16 @@ class Router:
         t0 = time.perf_counter()
         self._maybe_refresh()
         depth = req.depth_of(len(self.infos))
-        if req.query is not None:
+        if req.mode == "keyword":  # the keyword index alone: no embedding
+            vectors = []
+        elif req.query is not None:
             vectors = await self._text_vectors(req.query, depth)
         else:
             vectors = await self._image_vectors(depth, req.image_id, req.image)
         t_vectors = time.perf_counter()
         out = await asyncio.to_thread(self._rank, req, depth, vectors)
-        if depth == len(self.infos) > 1 and req.where is None and not req.offset and self.audit.sample():
+        if depth == len(self.infos) > 1 and req.mode == "semantic" and req.where is None and not req.offset and \
+                self.audit.sample():
             asyncio.get_running_loop().create_task(self._audit(vectors, [h.id for h in out], req.k))
         self._count(out, depth, time.perf_counter() - t0)
         out.timing = {"router_ms": _ms(t0), "query_vectors_ms": round((t_vectors - t0) * 1000, 3),
@@ -327,7 +330,8 @@ class Router:
     def _rank(self, req: SearchRequest, depth: int, vectors: list[np.ndarray]) -> SearchResponse:
         """The cascade and the response (blocking: a worker thread)."""
         return answer(self.by_depth[depth], req, vectors, self._allowed(req.where), [i.name for i in self.infos],
-                      len({i.text for i in self.infos[:depth]}), self._uris, self.corpus.vectors)
+                      len({i.text for i in self.infos[:depth]}), self._uris, self.corpus.vectors,
+                      lambda text, n: keywords.search(self.db, text, n, req.where))
 
     async def _audit(self, vectors: list[np.ndarray], served: list[str], k: int) -> None:
         """Rank the query with the top level over audit_factor x m_1 level-0 candidates (the cascade's cutoffs

@@ -190,7 +190,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     if (args.text is None) == (args.image is None):
         raise _bad("give a text query or --image PATH")
     with Collection(args.db, args.ladder, args.m, device=args.device) as photos:
-        emit(args, photos.search(args.text, image=args.image, k=args.k, where=args.where, depth=args.depth))
+        emit(args, photos.search(args.text, image=args.image, k=args.k, where=args.where, depth=args.depth,
+                                 mode=args.mode))
 
 
 def cmd_remove(args: argparse.Namespace) -> None:
@@ -371,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", type=_ints, default=None, help=cutoffs)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--depth", type=int, default=None, help="levels of the cascade to run (default all; 1: level 0)")
+    p.add_argument("--mode", choices=("semantic", "keyword", "hybrid"), default="semantic",
+                   help="keyword: captions, paths and metadata (BM25); hybrid: both lists fused by rank")
     p.add_argument("--where", type=_where, default=None, metavar="JSON", help=where)
     p.add_argument("--device", default=None)
 

@@ -43,16 +43,17 @@ class Collection:
     def search(self, query_text: str | None = None, *, image: bytes | str | Path | None = None,
                image_id: str | None = None, k: int = 10, where: filters.Filter | dict[str, Any] | None = None,
                depth: int | None = None, offset: int = 0, min_score: float | None = None,
-               dedup: float | None = None) -> SearchResponse:
+               dedup: float | None = None, mode: str = "semantic") -> SearchResponse:
         """The top `k` images for a text, a picture (bytes or a file's path) or an indexed image's id, through
-        `depth` levels of the cascade (default all), among those `where` allows (the HTTP API's `where` object)."""
+        `depth` levels of the cascade (default all), among those `where` allows (the HTTP API's `where` object).
+        `mode` "keyword" searches the text in captions, paths and metadata; "hybrid" fuses both lists."""
         if isinstance(image, (str, Path)):
             try:
                 image = Path(image).read_bytes()
             except OSError as e:
                 raise BadInputError(f"cannot read {image}: {e.strerror}") from None
         req = SearchRequest.of(query_text, image=image, image_id=image_id, k=k, where=where, depth=depth,
-                               offset=offset, min_score=min_score, dedup=dedup)
+                               offset=offset, min_score=min_score, dedup=dedup, mode=mode)
         if self._local is None:
             self._local = query.LocalSearch(self.uri, self.ladder_name, self.cutoffs, device=self.device)
         return self._local.search(req)

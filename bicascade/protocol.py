@@ -5,6 +5,7 @@ Ray: the ingress imports it."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,11 +17,18 @@ from bicascade.cascade import Cascade, LevelStats, dedup
 from bicascade.errors import BadInputError
 from bicascade.storage.filters import Filter
 
+MODES = ("semantic", "keyword", "hybrid")
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al., 2009; LanceDB's RRFReranker uses it too)
+Keywords = Callable[[str, int], list[tuple[str, float]]]  # text, n -> the best n (id, BM25 score) under the filter
+
 
 @dataclass(frozen=True)
 class SearchRequest:
     """Exactly one of `query` (text), `image` (an image file's bytes) or `image_id` (an indexed image: more like
-    this). `depth` levels of the cascade run (None: all; 1: level 0 alone); `where` filters before level 0 ranks."""
+    this). `depth` levels of the cascade run (None: all; 1: level 0 alone); `where` filters before level 0 ranks.
+    `mode`: "semantic" (the cascade), "keyword" (the full-text index over captions, paths and metadata) or "hybrid"
+    (both lists fused by reciprocal rank); the last two search a text query, and their min_score applies to their own
+    score (BM25, or the fused one) and dedup to level 0's vectors."""
 
     query: str | None = None
     image: bytes | None = None
@@ -31,8 +39,13 @@ class SearchRequest:
     min_score: float | None = None
     dedup: float | None = None
     where: Filter | None = None
+    mode: str = "semantic"
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise BadInputError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode != "semantic" and self.query is None:
+            raise BadInputError(f"mode {self.mode}: searches a text query (give query)")
         given = [name for name in ("query", "image", "image_id") if getattr(self, name) is not None]
         if len(given) != 1:
             raise BadInputError(f"give exactly one of query, image or image_id (got {', '.join(given) or 'none'})")
@@ -116,7 +129,9 @@ class Hit:
     id: str
     score: float  # at the deepest level the request ran
     uri: str | None
-    levels: tuple[LevelScore, ...]
+    levels: tuple[LevelScore, ...]  # empty for an image only the keyword search found
+    keyword_rank: int | None = None  # keyword and hybrid modes: its place in each list (1 = first), None if absent
+    cascade_rank: int | None = None
 
 
 @dataclass
@@ -128,6 +143,7 @@ class SearchResponse:
     ms: float
     text_encodes: int  # query text embeddings computed: one per distinct text tower
     timing: dict[str, float] = field(default_factory=dict)
+    mode: str = "semantic"
 
     def __iter__(self) -> Iterator[Hit]:
         return iter(self.hits)
@@ -146,19 +162,22 @@ class SearchResponse:
     def uncascaded_gflops(self) -> float:
         """What the image encoding would cost without the cascade: the top level over every candidate level 0
         ranked (a floor: uncascaded, it would have embedded the whole corpus once)."""
-        top = self.levels[-1]
-        return top.gflops / top.encoded * self.levels[0].candidates if top.encoded else 0.0
+        top = self.levels[-1] if self.levels else None
+        return top.gflops / top.encoded * self.levels[0].candidates if top and top.encoded else 0.0
 
     def to_json(self) -> dict:
         """The HTTP API's response document (README, Serving)."""
-        return {"results": [{"id": h.id, "score": h.score, "uri": h.uri, "levels": [asdict(s) for s in h.levels]}
-                            for h in self.hits],
+        return {"results": [{"id": h.id, "score": h.score, "uri": h.uri, "levels": [asdict(s) for s in h.levels],
+                             **({"keyword_rank": h.keyword_rank, "cascade_rank": h.cascade_rank}
+                                if self.mode != "semantic" else {})} for h in self.hits],
                 "stats": {"levels": [asdict(s) for s in self.levels], "ms": self.ms, "gflops": self.gflops,
                           "text_encodes": self.text_encodes, "uncascaded_gflops": self.uncascaded_gflops,
                           "timing": self.timing}}
 
     def format(self) -> str:
-        lines = [f"{n + 1:>3}. {h.score:.4f}  {h.id}  {h.uri}" for n, h in enumerate(self.hits)]
+        ranks = (lambda h: f"  [keyword #{h.keyword_rank or '-'}, cascade #{h.cascade_rank or '-'}]") \
+            if self.mode != "semantic" else (lambda h: "")
+        lines = [f"{n + 1:>3}. {h.score:.4f}  {h.id}  {h.uri}{ranks(h)}" for n, h in enumerate(self.hits)]
         lines += [f"{s.model}: {s.candidates} candidates, {s.cache_hits} cached, {s.encoded} encoded, {s.ms:.1f} ms"
                   for s in self.levels]
         return "\n".join(lines + [f"{self.ms:.1f} ms, {self.gflops:.3f} GFLOPs of image encoding, "
@@ -167,11 +186,14 @@ class SearchResponse:
 
 def answer(cascade: Cascade, req: SearchRequest, vectors: Sequence[np.ndarray], allowed: object | None,
            names: Sequence[str], text_encodes: int, uris: Callable[[list[str]], dict[str, str]],
-           stored: Callable[[list[str]], np.ndarray]) -> SearchResponse:
+           stored: Callable[[list[str]], np.ndarray], keywords: Keywords | None = None) -> SearchResponse:
     """Run `cascade` (the request's depth) on the query's per-level vectors, then dedup, min_score and paging.
-    `uris` gives the hits' uris; `stored` level 0's vectors (dedup at depth 1)."""
+    `uris` gives the hits' uris; `stored` level 0's vectors (dedup at depth 1); `keywords` the keyword search
+    (keyword and hybrid modes)."""
     # dedup needs spare candidates: rank as many as the last level keeps, then collapse and page
     cap = cascade.cutoffs[-1] if cascade.cutoffs else req.offset + req.k
+    if req.mode != "semantic":
+        return _fused(cascade, req, vectors, allowed, names, text_encodes, uris, stored, keywords, cap)
     out = cascade.search("", cap if req.dedup is not None else min(req.offset + req.k, cap), vectors, allowed)
     keep = list(range(len(out.results)))
     if req.dedup is not None and out.results:
@@ -184,3 +206,38 @@ def answer(cascade: Cascade, req: SearchRequest, vectors: Sequence[np.ndarray], 
     hits = [Hit(r.id, r.score, where.get(r.id), tuple(LevelScore(names[j], s, j > 0 and r.cached[j - 1])
                                                       for j, s in enumerate(r.scores))) for r in results]
     return SearchResponse(hits, out.levels, out.ms, text_encodes)
+
+
+def _fused(cascade: Cascade, req: SearchRequest, vectors: Sequence[np.ndarray], allowed: object | None,
+           names: Sequence[str], text_encodes: int, uris: Callable[[list[str]], dict[str, str]],
+           stored: Callable[[list[str]], np.ndarray], keywords: Keywords | None, n: int) -> SearchResponse:
+    """Keyword mode: the keyword list alone. Hybrid: the keyword list and the cascade's, `n` each, fused by
+    reciprocal rank (score = sum of 1 / (RRF_K + rank) over the lists an image is in); then dedup, min_score and
+    paging, as in semantic mode."""
+    if keywords is None:
+        raise BadInputError(f"mode {req.mode}: this search has no keyword index")
+    t0 = time.perf_counter()
+    spare = req.dedup is not None or req.min_score is not None
+    words = keywords(req.query or "", n if req.mode == "hybrid" or spare else req.offset + req.k)
+    out = cascade.search("", n, vectors, allowed) if req.mode == "hybrid" else None
+    semantic = {r.id: (rank, r) for rank, r in enumerate(out.results, 1)} if out else {}
+    lexical = {id_: (rank, score) for rank, (id_, score) in enumerate(words, 1)}
+    if out is None:
+        ranked = [(score, id_) for id_, (_, score) in lexical.items()]
+    else:
+        fused = {i: sum(1 / (RRF_K + ranks[i][0]) for ranks in (semantic, lexical) if i in ranks)
+                 for i in [*semantic, *lexical]}
+        ranked = sorted(((score, i) for i, score in fused.items()), key=lambda x: -x[0])
+    if req.dedup is not None and ranked:
+        ranked = [ranked[i] for i in dedup(np.asarray(stored([i for _, i in ranked])), req.dedup)]
+    if req.min_score is not None:
+        ranked = [(score, i) for score, i in ranked if score >= req.min_score]
+    page = ranked[req.offset:req.offset + req.k]
+    where = uris([i for _, i in page])
+    hits = []
+    for score, i in page:
+        r = semantic.get(i, (None, None))[1]
+        levels = tuple(LevelScore(names[j], s, j > 0 and r.cached[j - 1]) for j, s in enumerate(r.scores)) if r else ()
+        hits.append(Hit(i, float(score), where.get(i), levels, lexical.get(i, (None,))[0], semantic.get(i, (None,))[0]))
+    ms = out.ms if out else (time.perf_counter() - t0) * 1000
+    return SearchResponse(hits, out.levels if out else [], ms, text_encodes if out else 0, mode=req.mode)

@@ -17,7 +17,7 @@ from bicascade.cascade import Cascade, Level, default_cutoffs, validate
 from bicascade.errors import BadInputError, MissingWeightsError, NotIndexedError
 from bicascade.levels import LevelInfo, ResolvedLadder
 from bicascade.protocol import SearchRequest, SearchResponse, answer
-from bicascade.storage import cache, filters, tables
+from bicascade.storage import cache, filters, keywords, tables
 
 log = logging.getLogger("bicascade")
 
@@ -156,7 +156,9 @@ class LocalSearch:
         depth = req.depth_of(len(self.by_depth))
         cascade = self.by_depth[depth]
         validate(depth, cascade.cutoffs, req.k)  # in process, a k the cascade cannot rank is an error, not clamped
-        if req.query is not None:
+        if req.mode == "keyword":  # the keyword index alone: no embedding
+            vectors = []
+        elif req.query is not None:
             vectors = cascade.text_vectors(req.query)
         elif req.image is not None:  # more like this picture: each level embeds it with its own image tower
             picture = images.decode(req.image, max_pixels=images.MAX_UPLOAD_PIXELS).rgb
@@ -169,7 +171,8 @@ class LocalSearch:
             vectors += [cascade.embeddings(level, [req.image_id])[0][0] for level in cascade.levels[1:]]
         allowed = self.corpus.allow(filters.matching(self.db, req.where)) if req.where else None
         return answer(cascade, req, vectors, allowed, self.ladder.names,
-                      cascade.text_encodes if req.query is not None else 0, self.db.uris, self.corpus.vectors)
+                      cascade.text_encodes if req.query is not None else 0, self.db.uris, self.corpus.vectors,
+                      lambda text, n: keywords.search(self.db, text, n, req.where))
 
     def close(self) -> None:
         for store in self.stores:

@@ -260,7 +260,7 @@ class Api:
         common = {"k": req.k, "depth": req.depth, "offset": req.offset, "min_score": req.min_score,
                   "dedup": req.dedup, "where": req.where.model_dump(exclude_none=True) if req.where else None}
         if isinstance(req, TextSearch):
-            return SearchRequest.of(req.query, **common)
+            return SearchRequest.of(req.query, mode=req.mode, **common)
         if isinstance(req, ImageIdSearch):
             return SearchRequest.of(image_id=req.image_id, **common)
         return SearchRequest.of(image=decode_upload(req.image), **common)

@@ -108,6 +108,10 @@ class Search(BaseModel):
 
 class TextSearch(Search):
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S")
+    mode: Literal["semantic", "keyword", "hybrid"] = Field(
+        "semantic", description="semantic: the cascade; keyword: the full-text index over captions, paths and "
+                                "metadata (BM25); hybrid: both, fused by reciprocal rank (each result's keyword_rank "
+                                "and cascade_rank are given)")
 
 
 class ImageIdSearch(Search):
@@ -138,6 +142,8 @@ class HitDoc(BaseModel):
     score: float
     uri: str | None
     levels: list[LevelScoreDoc]
+    keyword_rank: int | None = Field(None, description="keyword and hybrid modes: 1 = first of the keyword list")
+    cascade_rank: int | None = Field(None, description="hybrid mode: 1 = first of the cascade's list")
 
 
 class LevelStatsDoc(BaseModel):

@@ -45,6 +45,7 @@ IMAGES_SCHEMA = pa.schema([
     pa.field("lon", pa.float64()),
     pa.field("file_size", pa.int64()),  # of the original, in bytes
     pa.field("modified", pa.timestamp("us", tz="UTC")),  # the file's modification time (folder sources)
+    pa.field("keywords", pa.string()),  # the words of its caption, path, camera and metadata (storage/keywords.py)
 ])
 SOURCES_SCHEMA = pa.schema([pa.field("uri", pa.string()), pa.field("id", pa.string()),
                             pa.field("modified", pa.timestamp("us", tz="UTC"))])  # the file's, when listed (sync)
@@ -283,7 +284,7 @@ class Database:
             before = self.count(name)
             for start in range(0, len(ids), 1000):
                 batch = list(ids[start:start + 1000])
-                _retrying(lambda n=name, b=batch: self.table(n).delete(col("id").isin(b)))
+                retrying(lambda n=name, b=batch: self.table(n).delete(col("id").isin(b)))
             removed[name] = before - self.count(name)
         return removed
 
@@ -293,12 +294,12 @@ class Database:
             if self.has(name):
                 for start in range(0, len(uris), 1000):
                     batch = list(uris[start:start + 1000])
-                    _retrying(lambda n=name, b=batch: self.table(n).delete(col("uri").isin(b)))
+                    retrying(lambda n=name, b=batch: self.table(n).delete(col("uri").isin(b)))
 
     def relocate(self, uris: dict[str, str]) -> None:
         """Point images (id -> uri) at another path their bytes are indexed from."""
         for id_, uri in uris.items():
-            _retrying(lambda i=id_, u=uri: self.table(IMAGES).update(where=col("id") == i, values={"uri": u}))
+            retrying(lambda i=id_, u=uri: self.table(IMAGES).update(where=col("id") == i, values={"uri": u}))
 
     def append(self, name: str, schema: pa.Schema, rows: Sequence[dict]) -> None:
         if rows:
@@ -308,7 +309,7 @@ class Database:
         """Fold small fragments together and drop versions older than KEEP_VERSIONS. A compaction that races a
         writer's commit is preempted by lance (the writer wins, so nothing it wrote is lost) and is simply retried on
         the newer version."""
-        _retrying(lambda: self.table(name).optimize(cleanup_older_than=KEEP_VERSIONS), attempts)
+        retrying(lambda: self.table(name).optimize(cleanup_older_than=KEEP_VERSIONS), attempts)
 
     def finish(self, names: Iterable[str]) -> None:
         """Compact the fragments many batched commits leave, and index ids for take-by-id (an index build that a
@@ -318,7 +319,7 @@ class Database:
                 self.compact(name)
                 table = self.table(name)
                 if table.count_rows() and "id" in table.schema.names:
-                    _retrying(lambda n=name: self.table(n).create_index("id", config=BTree(), replace=True))
+                    retrying(lambda n=name: self.table(n).create_index("id", config=BTree(), replace=True))
 
     def build_ann(self, fingerprint: str, min_rows: int = 100_000, index_type: str = "IVF_SQ") -> AnnParams | None:
         table = self.table(emb_table(fingerprint))
@@ -347,7 +348,7 @@ class Database:
         return res.column("id").to_pylist(), 1 - res.column("_distance").to_numpy()
 
 
-def _retrying(commit: Callable[[], object], attempts: int = 8) -> None:
+def retrying(commit: Callable[[], object], attempts: int = 8) -> None:
     """Run a lance commit, again on the newer version when a concurrent one preempted it."""
     for attempt in range(attempts):
         try:

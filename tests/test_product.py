@@ -85,6 +85,27 @@ def test_filters_apply_before_level_0_so_k_matching_images_come_back(url, tiny_d
         assert r.status_code == 422 and "where" in r.text, (where, r.text)
 
 
+def test_keyword_and_hybrid_search_over_http(url, tiny_db):
+    """The index job built a full-text index over each image's words (here its path: the world has no captions in
+    the table): keyword mode finds a file by a word of its name, hybrid fuses that list with the cascade's."""
+    rows = tables.Database(tiny_db).dataset(tables.IMAGES).to_table(columns=["id", "uri"]).to_pylist()
+    target = sorted(rows, key=lambda r: r["uri"])[7]
+    stem = target["uri"].rsplit("/", 1)[1].split(".")[0]  # e.g. 000017
+    got = post(url, {"query": stem, "k": 3, "mode": "keyword"})
+    assert got["results"][0]["id"] == target["id"] and got["results"][0]["keyword_rank"] == 1
+    assert got["results"][0]["levels"] == [] and got["stats"]["text_encodes"] == 0  # no embedding computed
+    hybrid = post(url, {"query": f"a large red circle {stem}", "k": 14, "mode": "hybrid"})
+    ranks = {r["id"]: (r["keyword_rank"], r["cascade_rank"]) for r in hybrid["results"]}
+    assert ranks[target["id"]][0] == 1 and any(c is not None for _, c in ranks.values())
+    assert [r["score"] for r in hybrid["results"]] == sorted((r["score"] for r in hybrid["results"]), reverse=True)
+    assert "keyword_rank" not in post(url, {"query": "a large red circle", "k": 3})["results"][0]  # semantic as before
+    filtered = post(url, {"query": stem, "k": 3, "mode": "keyword", "where": {"uri_prefix": "/no/such/"}})
+    assert filtered["results"] == []
+    for body in ({"query": "x", "mode": "fuzzy"}, {"image_id": target["id"], "mode": "keyword"}):
+        r = requests.post(f"{url}/search", json=body, timeout=30)
+        assert r.status_code == 422, r.text
+
+
 def flushed_vectors(db: tables.Database, fingerprint: str, ids: list[str], timeout_s: float = 60) -> np.ndarray:
     """The stored vectors of `ids` once the write-back cache writers have flushed them (every 2 s by default)."""
     deadline = time.monotonic() + timeout_s

@@ -94,3 +94,60 @@ def test_paging_min_score_and_dedup():
     out = answer(cascade, SearchRequest("q", k=3, dedup=-1.0), cascade.text_vectors("q"), None, ["small"], 1,
                  lambda ids: {}, lambda ids: stored.append(ids) or w.image[0][[w.ids.index(i) for i in ids]])
     assert len(out) == 1 and len(stored[0]) == 3  # depth 1 dedups on level 0's stored vectors
+
+
+def fused(w, req, words, cutoffs=(10, 4), calls=None):
+    """`answer` in keyword or hybrid mode over World `w`, the keyword search answering `words` (id, score) best
+    first (and recording each call)."""
+    cascade = Cascade(w.index, w.levels[:len(cutoffs) + 1], list(cutoffs))
+    vectors = [] if req.mode == "keyword" else cascade.text_vectors(req.query)
+
+    def keywords(text, n):
+        (calls if calls is not None else []).append((text, n))
+        return words[:n]
+    return answer(cascade, req, vectors, None, ["small", "mid", "top"], 3, lambda ids: {},
+                  lambda ids: w.image[0][[w.ids.index(i) for i in ids]], keywords)
+
+
+def test_keyword_and_hybrid_modes_fuse_by_reciprocal_rank():
+    from bicascade.protocol import RRF_K
+
+    w = World(n=60)
+    semantic = [h.id for h in respond(w, SearchRequest("q", k=4))]
+    words = [(semantic[2], 9.0), ("img0059" if "img0059" not in semantic else "img0058", 7.5), (semantic[0], 3.0)]
+    calls = []
+    keyword = fused(w, SearchRequest("q", k=2, mode="keyword"), words, calls=calls)
+    assert [(h.id, h.score, h.keyword_rank, h.cascade_rank, h.levels) for h in keyword] == \
+        [(words[0][0], 9.0, 1, None, ()), (words[1][0], 7.5, 2, None, ())]
+    assert calls == [("q", 2)] and keyword.levels == [] and keyword.gflops == 0 == keyword.uncascaded_gflops
+    assert keyword.to_json()["results"][0]["keyword_rank"] == 1 and keyword.mode == "keyword"
+
+    hybrid = fused(w, SearchRequest("q", k=4, mode="hybrid"), words, calls=calls)
+    assert calls[-1] == ("q", 4)  # as many keyword results as the cascade's last cutoff keeps
+    score = {h.id: h.score for h in hybrid}
+    assert hybrid[0].id == semantic[0] and score[semantic[0]] == pytest.approx(1 / (RRF_K + 1) + 1 / (RRF_K + 3))
+    assert hybrid[1].id == semantic[2] and score[semantic[2]] == pytest.approx(1 / (RRF_K + 3) + 1 / (RRF_K + 1))
+    assert [h.score for h in hybrid] == sorted((h.score for h in hybrid), reverse=True)
+    ranks = {h.id: (h.keyword_rank, h.cascade_rank) for h in hybrid}
+    assert ranks[semantic[0]] == (3, 1) and ranks[semantic[1]] == (None, 2)
+    lexical_only = next(h for h in hybrid if h.id == words[1][0])  # found by its words alone: no level scores
+    assert (lexical_only.keyword_rank, lexical_only.cascade_rank, lexical_only.levels) == (2, None, ())
+    assert lexical_only.score == pytest.approx(1 / (RRF_K + 2))
+    page = fused(w, SearchRequest("q", k=2, offset=2, mode="hybrid"), words)
+    assert [h.id for h in page] == [h.id for h in hybrid][2:4]
+    assert "[keyword #3, cascade #1]" in hybrid.format()
+    kept = fused(w, SearchRequest("q", k=4, mode="hybrid", min_score=hybrid[1].score), words)
+    assert [h.id for h in kept] == [h.id for h in hybrid][:2]  # min_score: the fused score
+    assert len(fused(w, SearchRequest("q", k=4, mode="keyword", dedup=-1.0), words)) == 1  # level 0's vectors
+
+
+def test_modes_are_checked():
+    for bad, match in [({"query": "q", "mode": "fuzzy"}, "mode: must be one of semantic, keyword, hybrid"),
+                       ({"image_id": "a", "mode": "keyword"}, "mode keyword: searches a text query"),
+                       ({"image": b"x", "mode": "hybrid"}, "mode hybrid: searches a text query")]:
+        with pytest.raises(BadInputError, match=match):
+            SearchRequest(**bad)
+    w = World(n=30)
+    cascade = Cascade(w.index, w.levels[:1], [])
+    with pytest.raises(BadInputError, match="no keyword index"):
+        answer(cascade, SearchRequest("q", mode="keyword"), [], None, ["small"], 0, lambda ids: {}, lambda ids: None)

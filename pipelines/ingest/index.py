@@ -22,7 +22,7 @@ from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import ResolvedLadder
 from bicascade.pipelines import runtime
 from bicascade.pipelines.ingest import sources, sync
-from bicascade.storage import tables
+from bicascade.storage import keywords, tables
 
 log = logging.getLogger("bicascade")
 
@@ -330,6 +330,7 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
     bar.close()
     log.debug("compacting %s and %s, then building indexes", tables.IMAGES, emb)
     db.finish([tables.IMAGES, emb])
+    keywords.build(db)
     params = db.build_ann(level0.fingerprint, min_rows=config.ann_min_rows) if db.has(emb) else None
     rows = db.count(emb)
     seconds = time.perf_counter() - t0
