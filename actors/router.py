@@ -26,6 +26,7 @@ from bicascade.protocol import SearchRequest, SearchResponse, answer
 from bicascade.storage import cache, filters, keywords, tables
 
 log = logging.getLogger("bicascade")
+CAPTURE = ("taken", "taken_offset", "camera_make", "camera_model", "lens", "lat", "lon", "media_type")
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,7 @@ class Router:
         self.texts = Lru(config.text_cache * len(self.towers))
         self.uris = Lru(config.uri_cache)
         self.filtered = Lru(64)  # filter -> allowed ids, per images-table version
+        self._facets: tuple[int, dict] | None = None
         levels = [Level(infos[0].name, self._no_text, self._images(0), gflops=infos[0].gflops)]
         for j, (info, store) in enumerate(zip(infos[1:], self.stores), start=1):
             levels.append(Level(info.name, self._no_text, self._images(j), cache=store, gflops=info.gflops))
@@ -383,8 +385,14 @@ class Router:
         return self.db.image_bytes([id_]).get(id_)
 
     def metadata(self, ids: list[str]) -> list[dict]:
-        rows = self.db.take(tables.IMAGES, ids, ["id", "uri", "caption", "width", "height", "meta"]).to_pylist()
-        return rows
+        return self.db.image_rows(ids, ["id", "uri", "caption", "width", "height", "meta", *CAPTURE])
+
+    def facets(self) -> dict:
+        """The capture filters' choices, computed once per version of the images table."""
+        version = self.db.version(tables.IMAGES)
+        if self._facets is None or self._facets[0] != version:
+            self._facets = (version, self.db.facets())
+        return self._facets[1]
 
     def flush(self) -> int:
         return sum(ray.get([w.flush.remote() for w in self.writers]))

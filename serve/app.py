@@ -44,6 +44,7 @@ from bicascade.serve.schema import (
     MAX_UPLOAD_B64,
     SERVICE,
     THUMB_SIDES,
+    FacetsDoc,
     ImageIdSearch,
     KnnHit,
     KnnRequest,
@@ -83,6 +84,16 @@ class AppConfig:
     def __post_init__(self) -> None:
         if isinstance(self.plan, dict):
             self.plan = Plan.of(self.plan)
+
+
+def described(row: dict) -> dict:
+    """An image's row as /metadata gives it: clip-retrieval's fields, then what the file said about its capture."""
+    taken = row.get("taken")
+    camera = " ".join(p for p in (row.get("camera_make"), row.get("camera_model")) if p) or None
+    return {"uri": row["uri"], "caption": row["caption"], "width": row["width"], "height": row["height"],
+            "meta": json.loads(row["meta"]) if row["meta"] else {}, "taken": taken.isoformat() if taken else None,
+            "taken_offset": row.get("taken_offset"), "camera": camera, "lens": row.get("lens"), "lat": row.get("lat"),
+            "lon": row.get("lon"), "media_type": row.get("media_type")}
 
 
 api = FastAPI(title="bicascade", description="Text-to-image search with a bi-encoder cascade", version="0.2.0",
@@ -403,9 +414,12 @@ class Api:
                 return error(404, f"no index {req.indice_name!r}; GET /indices-list")
             rows = {r["id"]: r for r in await asyncio.to_thread(self.router.metadata, req.ids)}
             base = str(request.base_url).rstrip("/")
-            return JSONResponse([{"id": i, "metadata": {"url": f"{base}/images/{i}", "uri": rows[i]["uri"],
-                                                        "caption": rows[i]["caption"], "width": rows[i]["width"],
-                                                        "height": rows[i]["height"],
-                                                        "meta": json.loads(rows[i]["meta"]) if rows[i]["meta"] else {}}
+            return JSONResponse([{"id": i, "metadata": {"url": f"{base}/images/{i}", **described(rows[i])}
                                   if i in rows else {}} for i in req.ids])
         return await self.answer("/metadata", request, work)
+
+    @api.get("/facets", response_model=FacetsDoc, responses={401: ERR, 429: ERR, **SERVICE})
+    async def facets(self, request: Request) -> Response:
+        async def work():
+            return JSONResponse(await asyncio.to_thread(self.router.facets))
+        return await self.answer("/facets", request, work)

@@ -224,6 +224,23 @@ class LadderInfo(BaseModel):
     cutoffs: list[int]
 
 
+class Facet(BaseModel):
+    name: str
+    count: int
+
+
+class TakenRange(BaseModel):
+    min: str | None
+    max: str | None
+
+
+class FacetsDoc(BaseModel):
+    """What the capture filters can choose from (the search page's filter row)."""
+    cameras: list[Facet]
+    media_types: list[Facet]
+    taken: TakenRange
+
+
 class MetadataItem(BaseModel):
     id: str
     metadata: dict

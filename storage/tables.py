@@ -214,6 +214,30 @@ class Database:
             return pa.table({c: [] for c in columns})
         return self.dataset(name).to_table(columns=columns, filter=pc.field("id").isin(list(ids)))
 
+    def image_rows(self, ids: Sequence[str], columns: Sequence[str]) -> list[dict]:
+        """`images` rows of `ids` (those that exist), columns an older database lacks read as None."""
+        have = set(self.dataset(IMAGES).schema.names) if self.has(IMAGES) else set()
+        rows = self.take(IMAGES, ids, [c for c in columns if c in have]).to_pylist()
+        return [{c: r.get(c) for c in columns} for r in rows]
+
+    def facets(self) -> dict:
+        """What the capture filters can offer: cameras and media types with their image counts, and the range of
+        capture times (the camera's clock)."""
+        have = set(self.dataset(IMAGES).schema.names) if self.has(IMAGES) else set()
+        if not {"camera_make", "camera_model", "media_type", "taken"} <= have:
+            return {"cameras": [], "media_types": [], "taken": {"min": None, "max": None}}
+        t = self.dataset(IMAGES).to_table(columns=["camera_make", "camera_model", "media_type", "taken"])
+        camera = pc.utf8_trim_whitespace(pc.binary_join_element_wise(
+            pc.fill_null(t["camera_make"], ""), pc.fill_null(t["camera_model"], ""), " "))
+        span = pc.min_max(t["taken"])
+
+        def counted(values: pa.ChunkedArray) -> list[dict]:
+            counts = pc.value_counts(values).to_pylist()
+            return sorted(({"name": c["values"], "count": c["counts"]} for c in counts if c["values"]),
+                          key=lambda c: (-c["count"], c["name"]))
+        return {"cameras": counted(camera), "media_types": counted(t["media_type"]),
+                "taken": {k: None if v is None else v.isoformat() for k, v in span.as_py().items()}}
+
     def lookup(self, name: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Stored vectors of those `ids` that `name` holds."""
         got = self.take(name, ids, ["id", "vector"])

@@ -75,7 +75,14 @@ function render(doc, label) {
     more.className = "more";
     more.textContent = "More like this";
     more.addEventListener("click", () => search({ image_id: r.id }, `images like ${r.uri || r.id}`));
-    meta.append(score, uri, trail, more);
+    const captured = document.createElement("div");
+    captured.className = "captured";
+    if (r.keyword_rank || r.cascade_rank) {
+      captured.title = "place in the keyword list and in the cascade's";
+      captured.dataset.ranks = `words #${r.keyword_rank || "–"} · meaning #${r.cascade_rank || "–"}`;
+      captured.textContent = captured.dataset.ranks;
+    }
+    meta.append(score, uri, captured, trail, more);
     li.append(link, meta);
     grid.append(li);
   }
@@ -97,18 +104,70 @@ function render(doc, label) {
   bar.innerHTML = `<span style="width:${share.toFixed(1)}%"></span>`;
   cost.append(line, detail, bar);
   status(doc.results.length ? "" : "No results.");
+  describe(new Map([...grid.children].map((li) => [li.dataset.id, li.querySelector(".captured")])));
   window.scrollTo({ top: 0 });  // "More like this" is clicked far down the grid: show its summary and first result
 }
 
+function place(lat, lon) {
+  return `${Math.abs(lat).toFixed(4)}° ${lat < 0 ? "S" : "N"}, ${Math.abs(lon).toFixed(4)}° ${lon < 0 ? "W" : "E"}`;
+}
+
+// when, with what and where each result was taken (its file's EXIF), under its path; `slots`: id -> the element of
+// the grid these results were rendered into (a later search's grid is never written to)
+async function describe(slots) {
+  if (!slots.size) return;
+  try {
+    const items = await api("/metadata", { method: "POST", headers: { "Content-Type": "application/json" },
+                                           body: JSON.stringify({ ids: [...slots.keys()] }) });
+    for (const item of items) {
+      const m = item.metadata || {};
+      const el = slots.get(item.id);
+      const parts = [m.taken && m.taken.replace("T", " ").slice(0, 16), m.camera,
+                     m.lat != null && m.lon != null && place(m.lat, m.lon), el && el.dataset.ranks].filter(Boolean);
+      if (el) el.textContent = parts.join(" · ");
+    }
+  } catch (e) { /* the results stand without their capture details */ }
+}
+
+function filters() {
+  const where = {};
+  if ($("after").value) where.taken_after = $("after").value;
+  if ($("before").value) {  // the day chosen is included: before the next midnight
+    const next = new Date($("before").value + "T00:00:00Z");
+    next.setUTCDate(next.getUTCDate() + 1);
+    where.taken_before = next.toISOString().slice(0, 10);
+  }
+  if ($("camera").value) where.camera = $("camera").value;
+  return Object.keys(where).length ? { where } : {};
+}
+
+async function loadFacets() {
+  try {
+    const f = await api("/facets");
+    for (const c of f.cameras) {
+      const o = document.createElement("option");
+      o.value = c.name;
+      o.textContent = `${c.name} (${c.count})`;
+      $("camera").append(o);
+    }
+    if (f.taken.min) { $("after").min = $("before").min = f.taken.min.slice(0, 10); }
+    if (f.taken.max) { $("after").max = $("before").max = f.taken.max.slice(0, 10); }
+  } catch (e) { /* no filters offered: search still works */ }
+}
+
+let latest = 0;  // filters re-run searches as they change: only the newest one's answer is shown
+
 async function search(body, label) {
+  const mine = ++latest;
   const depth = Number($("depth").value) || undefined;
+  const mode = body.query && $("mode").value !== "semantic" ? { mode: $("mode").value } : {};
   status("Searching…");
   try {
     const doc = await api("/search", { method: "POST", headers: { "Content-Type": "application/json" },
-                                       body: JSON.stringify({ k: 24, depth, ...body }) });
-    render(doc, label);
+                                       body: JSON.stringify({ k: 24, depth, ...mode, ...filters(), ...body }) });
+    if (mine === latest) render(doc, label);
   } catch (e) {
-    status(`Search failed: ${e.message}`, true);
+    if (mine === latest) status(`Search failed: ${e.message}`, true);
   }
 }
 
@@ -185,5 +244,9 @@ loadLadder().then(() => {
   const q = params.get("q");
   if (q) { $("q").value = q; search({ query: q }, `“${q}”`); }
 });
+for (const id of ["mode", "after", "before", "camera"]) {  // a changed filter re-runs the current text search
+  $(id).addEventListener("change", () => { if ($("q").value.trim()) $("search").requestSubmit(); });
+}
+loadFacets();
 loadStats();
 setInterval(loadStats, 5000);
