@@ -21,6 +21,7 @@ from bicascade.errors import NotIndexedError
 log = logging.getLogger("bicascade")
 
 IMAGES = "images"
+WARNING_STAGE = "metadata"  # an ingest_errors row of an image indexed all the same (its EXIF block was broken)
 SOURCES = "sources"  # every ingested uri -> its image id (duplicates included): the resume ledger
 ERRORS = "ingest_errors"
 RUNS = "runs"
@@ -202,11 +203,15 @@ class Database:
     def done_uris(self, embedded: set[str]) -> set[str]:
         """Uris a previous run settled for the model whose embedded ids are `embedded`: ingested (possibly as a
         duplicate) with an embedding in that model's table, or recorded as bad."""
+        bad = set()
+        if self.has(ERRORS):  # a warning (a broken EXIF block) settles nothing: its image was indexed all the same
+            rows = self.dataset(ERRORS).to_table(columns=["uri", "stage"]).to_pylist()
+            bad = {r["uri"] for r in rows if r["stage"] != WARNING_STAGE}
         if not self.has(SOURCES):
-            return set(self.column(ERRORS, "uri"))
+            return bad
         ledger = self.dataset(SOURCES).to_table(columns=["uri", "id"])
         done = {u for u, i in zip(ledger.column("uri").to_pylist(), ledger.column("id").to_pylist()) if i in embedded}
-        return done | set(self.column(ERRORS, "uri"))
+        return done | bad
 
     def take(self, name: str, ids: Sequence[str], columns: list[str]) -> pa.Table:
         """Rows of `ids` (those that exist) at the latest version, so other writers' commits are seen."""

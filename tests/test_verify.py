@@ -102,3 +102,15 @@ def test_caches_evict_the_least_recently_hit_rows(tmp_path):
     hits = dict(zip(*[d.dataset(tables.emb_table("c")).to_table(columns=["id", "hits"]).column(c).to_pylist()
                       for c in ("id", "hits")]))
     assert all(hits[i] == 1 for i in ids[:3])
+
+
+def test_the_resume_ledger_settles_errors_but_not_warnings(tmp_path):
+    """A file that failed is not retried by the next run; one indexed with a warning (a broken EXIF block) is still
+    embedded by another level 0 (`index --ladder` with a new corpus table, `migrate`)."""
+    d = tables.Database(str(tmp_path / "db"))
+    d.append(tables.ERRORS, tables.ERRORS_SCHEMA, [
+        {"uri": "/x/bad.jpg", "stage": "decode", "error": "truncated", "run": "r"},
+        {"uri": "/x/exif.jpg", "stage": tables.WARNING_STAGE, "error": "malformed EXIF", "run": "r"}])
+    assert d.done_uris(set()) == {"/x/bad.jpg"}
+    d.append(tables.SOURCES, tables.SOURCES_SCHEMA, [{"uri": "/x/exif.jpg", "id": "e" * 32}])
+    assert d.done_uris({"e" * 32}) == {"/x/bad.jpg", "/x/exif.jpg"} and d.done_uris(set()) == {"/x/bad.jpg"}

@@ -212,8 +212,8 @@ class Writer:
                         self.bytes += len(row["bytes"])
                         self.images.append(row)
                         if _opt(batch, "warning", i):  # indexed all the same; the warning is kept with the errors
-                            self.errors.append({"uri": uri, "stage": "metadata", "error": str(batch["warning"][i]),
-                                                "run": self.run})
+                            self.errors.append({"uri": uri, "stage": tables.WARNING_STAGE,
+                                                "error": str(batch["warning"][i]), "run": self.run})
                     self.new_rows += 1
                 else:  # the same bytes again: one row, this uri only joins the ledger
                     self.skipped += 1
