@@ -118,9 +118,10 @@ def test_expensive_level_scales_up_under_load_and_back_down(cold_db, tmp_path):
     serve_cli = Path(sys.executable).with_name("serve")
     proc = subprocess.Popen([str(serve_cli), "run", str(config)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True, start_new_session=True,
-                            # a local cluster, on 127.0.0.1 (see bicascade.pipelines.runtime)
-                            env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-                                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+                            # a local cluster of its own, on 127.0.0.1 (see bicascade.pipelines.runtime): "local",
+                            # since ray.init without an address joins the run's shared cluster (`ray start`'s), where
+                            # a `serve run` killed before its shutdown would leave Serve for the next module's app
+                            env={**os.environ, "RAY_ADDRESS": "local", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     load = Load(url)
     try:
         wait_healthy(url, proc)  # the ingress answers before every deployment is up (`serve run` does not wait)
