@@ -218,7 +218,7 @@ def _fused(cascade: Cascade, req: SearchRequest, vectors: Sequence[np.ndarray], 
         raise BadInputError(f"mode {req.mode}: this search has no keyword index")
     t0 = time.perf_counter()
     spare = req.dedup is not None or req.min_score is not None
-    words = keywords(req.query or "", n if req.mode == "hybrid" or spare else req.offset + req.k)
+    words = keywords(req.query, n if req.mode == "hybrid" or spare else req.offset + req.k)
     out = cascade.search("", n, vectors, allowed) if req.mode == "hybrid" else None
     semantic = {r.id: (rank, r) for rank, r in enumerate(out.results, 1)} if out else {}
     lexical = {id_: (rank, score) for rank, (id_, score) in enumerate(words, 1)}
@@ -239,5 +239,5 @@ def _fused(cascade: Cascade, req: SearchRequest, vectors: Sequence[np.ndarray], 
         r = semantic.get(i, (None, None))[1]
         levels = tuple(LevelScore(names[j], s, j > 0 and r.cached[j - 1]) for j, s in enumerate(r.scores)) if r else ()
         hits.append(Hit(i, float(score), where.get(i), levels, lexical.get(i, (None,))[0], semantic.get(i, (None,))[0]))
-    ms = out.ms if out else (time.perf_counter() - t0) * 1000
+    ms = (time.perf_counter() - t0) * 1000  # both searches and the fusion
     return SearchResponse(hits, out.levels if out else [], ms, text_encodes if out else 0, mode=req.mode)
