@@ -292,15 +292,18 @@ class Router:
             return vectors
         return call
 
-    def _allowed(self, where: filters.Filter | None):
+    def _allowed(self, where: filters.Filter | None) -> tuple[set[str], object] | None:
+        """The ids `where` holds for and the corpus index's form of them, computed once per filter and table versions
+        (the cascade takes the second, the keyword search the first)."""
         if where is None:
             return None
         key = (where.key(), self.db.version(tables.IMAGES), self.corpus.version)
-        allowed = self.filtered.get(key)
-        if allowed is None:
-            allowed = self.corpus.allow(filters.matching(self.db, where))
-            self.filtered.put(key, allowed)
-        return allowed
+        found = self.filtered.get(key)
+        if found is None:
+            ids = filters.matching(self.db, where)
+            found = (set(ids), self.corpus.allow(ids))
+            self.filtered.put(key, found)
+        return found
 
     def _maybe_refresh(self) -> None:
         """A live index job's new rows, within `refresh_s` (a version check; the reload runs off the request)."""
@@ -331,9 +334,10 @@ class Router:
 
     def _rank(self, req: SearchRequest, depth: int, vectors: list[np.ndarray]) -> SearchResponse:
         """The cascade and the response (blocking: a worker thread)."""
-        return answer(self.by_depth[depth], req, vectors, self._allowed(req.where), [i.name for i in self.infos],
+        matches, allowed = self._allowed(req.where) or (None, None)
+        return answer(self.by_depth[depth], req, vectors, allowed, [i.name for i in self.infos],
                       len({i.text for i in self.infos[:depth]}), self._uris, self.corpus.vectors,
-                      lambda text, n: keywords.search(self.db, text, n, req.where))
+                      lambda text, n: keywords.search(self.db, text, n, matches))
 
     async def _audit(self, vectors: list[np.ndarray], served: list[str], k: int) -> None:
         """Rank the query with the top level over audit_factor x m_1 level-0 candidates (the cascade's cutoffs

@@ -169,10 +169,11 @@ class LocalSearch:
             except KeyError:
                 raise NotIndexedError(f"no indexed image {req.image_id!r}") from None
             vectors += [cascade.embeddings(level, [req.image_id])[0][0] for level in cascade.levels[1:]]
-        allowed = self.corpus.allow(filters.matching(self.db, req.where)) if req.where else None
+        ids = filters.matching(self.db, req.where) if req.where else None  # once, for both searches
+        allowed, matches = (self.corpus.allow(ids), set(ids)) if ids is not None else (None, None)
         return answer(cascade, req, vectors, allowed, self.ladder.names,
                       cascade.text_encodes if req.query is not None else 0, self.db.uris, self.corpus.vectors,
-                      lambda text, n: keywords.search(self.db, text, n, req.where))
+                      lambda text, n: keywords.search(self.db, text, n, matches))
 
     def close(self) -> None:
         for store in self.stores:

@@ -9,7 +9,7 @@ import logging
 from lancedb.index import FTS
 
 from bicascade.errors import NotIndexedError
-from bicascade.storage import filters, tables
+from bicascade.storage import tables
 
 log = logging.getLogger("bicascade")
 # the words of an image, as SQL over its own row (nulls are skipped by concat_ws)
@@ -33,12 +33,12 @@ def indexed(db: tables.Database) -> bool:
         i.index_type == "FTS" and i.columns == ["keywords"] for i in db.table(tables.IMAGES).list_indices())
 
 
-def search(db: tables.Database, text: str, n: int, where: filters.Filter | None = None) -> list[tuple[str, float]]:
-    """The best `n` (id, BM25 score) for `text` among the images `where` holds for, best first."""
+def search(db: tables.Database, text: str, n: int, allowed: set[str] | None = None) -> list[tuple[str, float]]:
+    """The best `n` (id, BM25 score) for `text` among the `allowed` images (a filter's matches; None: all), best
+    first."""
     if not indexed(db):
         raise NotIndexedError(f"{db.uri} has no keyword index yet: run `bicascade index SOURCE --db {db.uri}` once "
                               "(with a source already indexed it adds nothing and builds the index)")
-    allowed = set(filters.matching(db, where)) if where is not None else None
     limit = n if allowed is None else n * SCAN_FACTOR
     rows = (db.table(tables.IMAGES).search(text, query_type="fts", fts_columns="keywords")
             .select(["id", "_score"]).limit(limit).to_arrow().to_pylist())

@@ -135,7 +135,12 @@ def image_row(batch: dict[str, np.ndarray], i: int, id_: str, uri: str) -> dict[
             "taken": None if taken is None else EPOCH + timedelta(seconds=float(taken)),
             "taken_offset": None if offset is None else int(offset),
             "file_size": None if size is None else int(size),
-            "modified": None if modified is None else datetime.fromtimestamp(float(modified), timezone.utc)}
+            "modified": utc(modified)}
+
+
+def utc(seconds: float | None) -> datetime | None:
+    """A listing's modification time (seconds since the epoch) as the tables store it."""
+    return None if seconds is None else datetime.fromtimestamp(float(seconds), timezone.utc)
 
 
 def _opt(batch: dict, key: str, i: int) -> Any:
@@ -217,9 +222,7 @@ class Writer:
                     self.new_rows += 1
                 else:  # the same bytes again: one row, this uri only joins the ledger
                     self.skipped += 1
-                modified = _opt(batch, "modified", i)
-                self.ledger.append({"uri": uri, "id": id_, "modified": None if modified is None else
-                                    datetime.fromtimestamp(float(modified), timezone.utc)})
+                self.ledger.append({"uri": uri, "id": id_, "modified": utc(_opt(batch, "modified", i))})
         if len(self.ledger) + len(self.errors) >= self.flush_rows or self.bytes >= self.flush_bytes:
             self.flush()
 
