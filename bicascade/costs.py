@@ -10,7 +10,7 @@ from functools import cache
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bicascade import models, registry
+from bicascade import kinds, models, registry
 from bicascade.cascade import DEFAULT_CUTOFFS, f_latency, f_life
 
 
@@ -18,10 +18,14 @@ def _spec(model: str | models.ModelSpec) -> models.ModelSpec:
     return model if isinstance(model, models.ModelSpec) else registry.get_model(model)
 
 
-def _gflops(arch: str, run: Callable[[torch.nn.Module], object], keep_patches: float | None = None) -> float:
-    """GFLOPs (2 x multiply-accumulates) of `run(model)`, counted on the meta device: no weights."""
+def _meta_model(arch: str) -> torch.nn.Module:
+    """`arch` on the meta device: shapes without weights, for counting."""
     with torch.device("meta"):
-        model = models.create(arch, device="meta", keep_patches=keep_patches).eval()  # eval: batch norm at 1x1
+        return models.create(arch, device="meta").eval()  # eval: batch norm at 1x1
+
+
+def _gflops(model: torch.nn.Module, run: Callable[[torch.nn.Module], object]) -> float:
+    """GFLOPs (2 x multiply-accumulates) of `run(model)`, counted on the meta device: no weights."""
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         run(model)
@@ -29,21 +33,26 @@ def _gflops(arch: str, run: Callable[[torch.nn.Module], object], keep_patches: f
 
 
 @cache
-def _image_gflops(arch: str, keep_patches: float | None = None) -> float:
+def _image_gflops(arch: str, changed_by: models.ModelSpec | None = None) -> float:
+    """An architecture's image GFLOPs; with `changed_by`, as that level's kind changes the architecture."""
+    model = _meta_model(arch)
+    if changed_by:
+        model = kinds.of(changed_by).change(model, changed_by)
     size = models.image_size(arch)
-    return _gflops(arch, lambda m: m.encode_image(torch.empty(1, 3, size, size, device="meta")), keep_patches)
+    return _gflops(model, lambda m: m.encode_image(torch.empty(1, 3, size, size, device="meta")))
 
 
 @cache
 def _text_gflops(arch: str) -> float:
     length = models.model_config(arch)["text_cfg"].get("context_length", 77)
-    return _gflops(arch, lambda m: m.encode_text(torch.zeros(1, length, dtype=torch.long, device="meta")))
+    return _gflops(_meta_model(arch), lambda m: m.encode_text(torch.zeros(1, length, dtype=torch.long, device="meta")))
 
 
 def image_gflops(model: str | models.ModelSpec) -> float:
-    """Image-encoder GFLOPs for one image."""
+    """Image-encoder GFLOPs for one image: the architecture's, as the level's kind changes it."""
     spec = _spec(model)
-    return _image_gflops(spec.arch, spec.keep_patches)
+    kind = kinds.find(spec)
+    return _image_gflops(spec.arch, spec if kind and kind.change else None)
 
 
 def text_gflops(model: str | models.ModelSpec) -> float:

@@ -1,12 +1,12 @@
-"""Level kinds: where a level's weights come from. Each kind owns its LEVEL syntax, how its model is built, what its
-weights put into the level's fingerprint, how `ladders show` names them and the cheap check made before a job
+"""Level kinds: what a level's model is. Each kind owns its LEVEL syntax, how its model is built, what goes into the
+level's fingerprint, its image cost, how `ladders show` names its weights and the cheap check made before a job
 starts. The built-in kinds (`bicascade.models`): ARCH=PATH (a checkpoint), ARCH (seeded random weights), ARCH@TAG
-(an open_clip pretrained tag) and hf-hub:ORG/REPO. A new kind is one `register` call in one module:
+(an open_clip pretrained tag), hf-hub:ORG/REPO, and LEVEL#keep=F (`bicascade.patches`: a kind that changes a level of
+another kind, its `base`). A new kind is one `register` call in one module:
 
     kinds.register(kinds.Kind("npz", "npz:ARCH=PATH", parse=..., weights=..., build=...))
 
-and its levels are `ModelSpec(kind="npz", source=...)`. A level on a fixed share of a ViT's patch tokens (`#keep=F`)
-is not a kind but a change of architecture any kind's ViT takes (`bicascade.ladders.keeping`)."""
+and its levels are `ModelSpec(kind="npz", source=...)`."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -28,16 +28,23 @@ class Kind:
     label: Callable[[ModelSpec], str] | None = None  # `ladders show`'s "weights" column (default: the identity)
     check: Callable[[ModelSpec], None] | None = None  # fail fast, in one line (default: compute the identity)
     owns: Callable[[ModelSpec], bool] | None = None  # built-in kinds read the spec's fields; others its `kind`
+    changes: Callable[[ModelSpec], dict[str, Any]] | None = None  # a change of architecture the fingerprint hashes
+    # a kind that changes its base's model (keep-patches): the change, applied to the model it builds and to the
+    # weightless one its cost is counted on
+    change: Callable[[Any, ModelSpec], Any] | None = None
+    suffix: Callable[[ModelSpec], str] | None = None  # what a level's default name adds after its architecture
+    base: Callable[[ModelSpec], ModelSpec] | None = None  # a kind that changes another kind's level: that level
 
 
 _KINDS: list[Kind] = []
 
 
 def register(kind: Kind, first: bool = False) -> Kind:
-    """Add a kind (a name already taken is replaced); its syntax is tried before the built-ins' with `first`."""
+    """Add a kind (a name already taken is replaced); its syntax is tried before the built-ins' with `first`. Kinds
+    that change another kind's level are always tried first: they own a level whatever its base is."""
     global _KINDS
     rest = [k for k in _KINDS if k.name != kind.name]
-    _KINDS = [kind, *rest] if first else [*rest, kind]
+    _KINDS = sorted([kind, *rest] if first else [*rest, kind], key=lambda k: k.base is None)  # stable
     return kind
 
 
@@ -45,10 +52,14 @@ def known() -> list[Kind]:
     return list(_KINDS)
 
 
+def find(spec: ModelSpec) -> Kind | None:
+    """The kind of `spec`, None for an architecture given no weights yet (its cost is still known)."""
+    return next((k for k in _KINDS if (k.owns(spec) if k.owns else spec.kind == k.name)), None)
+
+
 def of(spec: ModelSpec) -> Kind:
-    for kind in _KINDS:
-        if (kind.owns(spec) if kind.owns else spec.kind == kind.name):
-            return kind
+    if kind := find(spec):
+        return kind
     if spec.kind is None:
         raise MissingWeightsError(f"model {spec.name!r} has neither a checkpoint nor a pretrained tag; give it a "
                                   "checkpoint (ARCH=PATH) or a tag (ARCH@TAG)")

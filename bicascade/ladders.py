@@ -9,40 +9,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bicascade import costs, kinds, models, registry
+from bicascade import costs, kinds, models, patches, registry
 from bicascade.errors import BadInputError
 
 log = logging.getLogger("bicascade")
 
 
 def parse_level(text: str, ladder: str, j: int) -> models.ModelSpec:
-    """One LEVEL string -> a model spec named `<ladder>/<arch>` (`<ladder>/<arch>-p<percent>` with #keep=F); its
-    syntax is its kind's (bicascade.kinds)."""
-    text = text.strip()
-    base, sep, keep = text.rpartition("#keep=")
-    if sep:
-        return keeping(parse_level(base, ladder, j), keep, f"level {text!r}")
-    _, fields = kinds.parse(text, j)
-    return models.ModelSpec(_name(ladder, fields["arch"]), **fields)
-
-
-def keeping(spec: models.ModelSpec, keep: object, where: str) -> models.ModelSpec:
-    """`spec` on a fixed fraction `keep` of its patch tokens, named for it (a ladder may hold the full model too)."""
-    try:
-        k = float(keep)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        k = -1.0
-    if not 0 < k < 1:
-        raise BadInputError(f"{where}: keep must be a fraction of the patch tokens in (0, 1), got {keep!r}")
-    return models.ModelSpec(**{**asdict(spec), "name": f"{spec.name}-p{round(100 * k)}", "keep_patches": k})
-
-
-def _name(ladder: str, arch: str) -> str:
-    return f"{ladder}/{arch.removeprefix(models.HF_HUB).replace('/', '--')}"
+    """One LEVEL string -> a model spec named `<ladder>/<arch>` plus what its kind adds (`-p25` for #keep=0.25: a
+    ladder may hold the full model too); its syntax is its kind's (bicascade.kinds)."""
+    kind, fields = kinds.parse(text.strip(), j)
+    spec = models.ModelSpec(f"{ladder}/{fields['arch'].removeprefix(models.HF_HUB).replace('/', '--')}", **fields)
+    return replace(spec, name=spec.name + kind.suffix(spec)) if kind.suffix else spec
 
 
 def from_yaml(path: str | Path, name: str | None = None) -> tuple[str, list[models.ModelSpec], str]:
@@ -82,17 +64,18 @@ def _yaml_level(item: Any, ladder: str, j: int, path: Path) -> models.ModelSpec:
     if sum(k in item for k in ("checkpoint", "pretrained", "hf_hub")) > 1:
         raise BadInputError(f"{path}: level {j}: give one of checkpoint, pretrained, hf_hub")
     if "hf_hub" in item:
-        spec = parse_level(f"{models.HF_HUB}{item['hf_hub']}", ladder, j)
+        level = f"{models.HF_HUB}{item['hf_hub']}"
     elif "checkpoint" in item:
         ckpt = Path(item["checkpoint"]).expanduser()
-        spec = parse_level(f"{item['arch']}={ckpt if ckpt.is_absolute() else path.parent / ckpt}", ladder, j)
+        level = f"{item['arch']}={ckpt if ckpt.is_absolute() else path.parent / ckpt}"
     elif "pretrained" in item:
-        spec = parse_level(f"{item['arch']}@{item['pretrained']}", ladder, j)
+        level = f"{item['arch']}@{item['pretrained']}"
     else:
-        spec = parse_level(item["arch"], ladder, j)
+        level = item["arch"]
     if "keep_patches" in item:
-        spec = keeping(spec, item["keep_patches"], f"{path}: level {j}")
-    return models.ModelSpec(**{**asdict(spec), "name": item.get("name", spec.name)})
+        level += f"{patches.SYNTAX}{item['keep_patches']}"
+    spec = parse_level(level, ladder, j)
+    return replace(spec, name=item.get("name", spec.name))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Models: creating open_clip architectures, the built-in level kinds (checkpoints, pretrained tags, hf-hub, seeded
-random weights), loading for inference, devices and fingerprints. The registries of models and ladders are
-`bicascade.registry`'s."""
+random weights; keep-patches is `bicascade.patches`'), loading for inference, devices and fingerprints. The
+registries of models and ladders are `bicascade.registry`'s."""
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from bicascade import kinds
-from bicascade.errors import BadInputError, MissingWeightsError, UnknownNameError
+from bicascade.errors import MissingWeightsError, UnknownNameError
 from bicascade.images import Preprocessor
 from bicascade.levels import HF_HUB, ModelSpec  # the registry's entries; `models.ModelSpec` is the public name
 from bicascade.registry import CONFIG_DIR, get_model
@@ -102,36 +102,12 @@ def _offline_unless_reachable() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = old
 
 
-class FixedPatches(torch.nn.Module):
-    """Keep the class token and a fixed, spatially even `keep` fraction of a ViT's patch tokens, in training and in
-    inference alike (open_clip's PatchDropout is random and training-only): the same weights on fewer tokens."""
-
-    def __init__(self, grid: tuple[int, int], keep: float) -> None:
-        super().__init__()
-        if not 0 < keep < 1:
-            raise BadInputError(f"keep_patches must lie in (0, 1), got {keep}")
-        rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-        order = torch.argsort(torch.remainder(rows * 0.6180339887 + cols * 0.7548776662, 1.0).reshape(-1))  # R2
-        kept = torch.sort(order[:max(1, round(keep * grid[0] * grid[1]))]).values
-        self.register_buffer("index", torch.cat([torch.zeros(1, dtype=torch.long), kept + 1]), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.index_select(1, self.index.to(x.device))
-
-
-def create(arch: str, device: str | torch.device = "cpu", keep_patches: float | None = None) -> torch.nn.Module:
-    """An architecture with random weights (also on the meta device, for counting); a ViT on a fixed fraction of
-    its patches with `keep_patches`."""
+def create(arch: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """An architecture with random weights (also on the meta device, for counting)."""
     if arch.startswith(HF_HUB):
         model_config(arch)  # a clear error offline
     with quiet_open_clip():
-        model = open_clip.create_model(arch, pretrained=None, device=device)
-    if keep_patches is not None:
-        visual = model.visual
-        if not isinstance(visual, open_clip.transformer.VisionTransformer):
-            raise BadInputError(f"keep_patches needs a ViT; {arch} has a {type(visual).__name__} image tower")
-        visual.patch_dropout = FixedPatches(visual.grid_size, keep_patches).to(device)
-    return model
+        return open_clip.create_model(arch, pretrained=None, device=device)
 
 
 @lru_cache(maxsize=64)
@@ -157,9 +133,9 @@ def weights_identity(spec: ModelSpec) -> str:
 
 def fingerprint(spec: ModelSpec, preprocess_cfg: dict) -> str:
     """Hash of architecture + weights + preprocessing: changed weights never reuse stale embeddings."""
-    doc = {"arch": model_config(spec.arch), "weights": weights_identity(spec), "preprocess": preprocess_cfg}
-    if spec.keep_patches is not None:
-        doc["keep_patches"] = spec.keep_patches
+    kind = kinds.of(spec)
+    doc = {"arch": model_config(spec.arch), "weights": kind.weights(spec), "preprocess": preprocess_cfg}
+    doc |= kind.changes(spec) if kind.changes else {}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -279,14 +255,14 @@ def _checkpoint_weights(spec: ModelSpec) -> str:
 
 
 def _checkpoint_build(spec: ModelSpec) -> torch.nn.Module:
-    model = create(spec.arch, keep_patches=spec.keep_patches)
+    model = create(spec.arch)
     fit_checkpoint(model, spec)
     return model
 
 
 def _random_build(spec: ModelSpec) -> torch.nn.Module:
     torch.manual_seed(spec.seed)
-    return create(spec.arch, keep_patches=spec.keep_patches)
+    return create(spec.arch)
 
 
 def _pretrained_parse(text: str, j: int) -> dict | None:
@@ -341,6 +317,7 @@ kinds.register(kinds.Kind(
     "random", "ARCH", parse=lambda text, j: {"arch": check_arch(text, text), "seed": j},
     weights=lambda s: f"random:{s.seed}", build=_random_build, label=lambda s: f"random (seed {s.seed})",
     owns=lambda s: _builtin(s) and not s.checkpoint and s.seed is not None))
+from bicascade import patches  # noqa: E402,F401  the keep-patches kind (it changes a level of the kinds above)
 
 
 @dataclass

@@ -132,20 +132,15 @@ def test_an_offline_hub_tag_fails_in_one_line(monkeypatch):
     assert len(lines) == 1 and "model hub is unreachable" in lines[0] and "ViT-B-16=PATH" in lines[0], r.stderr
 
 
-def test_a_new_level_kind_is_one_registration(tmp_path, monkeypatch):
-    """Weights from a NumPy .npz file: its syntax, build, fingerprint and label defined here, in one place, and the
-    kind then works everywhere a level goes (parse, load, describe, fingerprints)."""
+def _npz_kind(monkeypatch):
+    """Weights from a NumPy .npz file: a level kind defined here, in one place (this test's kinds leave with it)."""
     import hashlib
 
     import numpy as np
 
     from bicascade import kinds
 
-    monkeypatch.setattr(kinds, "_KINDS", kinds.known())  # this test's kind leaves with it
-    torch.manual_seed(0)
-    model = models.create("bc-tiny-s")
-    path = tmp_path / "weights.npz"
-    np.savez(path, **{k: v.numpy() for k, v in model.state_dict().items()})
+    monkeypatch.setattr(kinds, "_KINDS", kinds.known())
 
     def parse(text, j):
         if not text.startswith("npz:"):
@@ -158,9 +153,30 @@ def test_a_new_level_kind_is_one_registration(tmp_path, monkeypatch):
         m.load_state_dict({k: torch.from_numpy(v) for k, v in np.load(spec.source).items()})
         return m
 
-    npz = kinds.register(kinds.Kind("npz", "npz:ARCH=PATH", parse=parse, build=build,
-                                    weights=lambda s: "npz:" + hashlib.sha256(Path(s.source).read_bytes()).hexdigest()),
-                         first=True)
+    def weights(spec):
+        return "npz:" + hashlib.sha256(Path(spec.source).read_bytes()).hexdigest()
+
+    return kinds.register(kinds.Kind("npz", "npz:ARCH=PATH", parse=parse, build=build, weights=weights), first=True)
+
+
+def _save_npz(model, path):
+    import numpy as np
+
+    np.savez(path, **{k: v.numpy() for k, v in model.state_dict().items()})
+    return path
+
+
+def test_a_new_level_kind_is_one_registration(tmp_path, monkeypatch):
+    """Its syntax, build, fingerprint and label defined in one place, and the kind then works everywhere a level goes
+    (parse, load, describe, fingerprints)."""
+    import numpy as np
+
+    from bicascade import kinds
+
+    npz = _npz_kind(monkeypatch)
+    torch.manual_seed(0)
+    model = models.create("bc-tiny-s")
+    path = _save_npz(model, tmp_path / "weights.npz")
     spec = ladders.parse_level(f"npz:bc-tiny-s={path}", "x", 0)
     assert (spec.name, spec.kind, spec.source) == ("x/bc-tiny-s", "npz", str(path)) and kinds.of(spec) is npz
     loaded = models.load_model(spec, device="cpu")
@@ -176,3 +192,28 @@ def test_a_new_level_kind_is_one_registration(tmp_path, monkeypatch):
     monkeypatch.setattr(kinds, "_KINDS", [k for k in kinds.known() if k.name != "npz"])
     with pytest.raises(UnknownNameError, match="no level kind 'npz' is registered"):
         models.load_model(spec, device="cpu")
+
+
+def test_keep_patches_is_a_kind_that_changes_a_level_of_any_kind(tmp_path, monkeypatch):
+    """LEVEL#keep=F owns its syntax, build, fingerprint, cost and label in bicascade/patches.py, over whatever kind
+    the level is: here a kind registered after it, and asked for first."""
+    from bicascade import costs, kinds, patches
+
+    _npz_kind(monkeypatch)
+    path = _save_npz(models.create("bc-tiny-vit-d2"), tmp_path / "vit.npz")
+    spec = ladders.parse_level(f"npz:bc-tiny-vit-d2={path}#keep=0.25", "x", 0)
+    full = ladders.parse_level(f"npz:bc-tiny-vit-d2={path}", "x", 1)
+    assert kinds.of(spec) is patches.KIND and kinds.of(patches.base(spec)) is kinds.of(full)
+    assert (spec.name, spec.kind, spec.keep_patches) == ("x/bc-tiny-vit-d2-p25", "npz", 0.25)
+    model = models.build_model(spec)
+    assert isinstance(model.visual.patch_dropout, patches.FixedPatches)
+    kept = model.visual.patch_dropout.index
+    assert kept[0] == 0 and len(kept) == 1 + round(0.25 * model.visual.grid_size[0] * model.visual.grid_size[1])
+    cheap, dear = costs.image_gflops(spec), costs.image_gflops(full)
+    assert 0.15 * dear < cheap < 0.5 * dear  # a quarter of the tokens, plus what does not scale with them
+    doc = ladders.describe("x", [spec, full], True)
+    assert doc.levels[0].weights == doc.levels[1].weights + " on 25% of its patches"
+    assert doc.levels[0].fingerprint != doc.levels[1].fingerprint
+    assert models.text_identity(spec) == models.text_identity(full)  # the same text tower: one query embedding
+    with pytest.raises(BadInputError, match=r"keep must be a fraction .* got '1.5'"):
+        ladders.parse_level(f"npz:bc-tiny-vit-d2={path}#keep=1.5", "x", 0)
