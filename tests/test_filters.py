@@ -31,7 +31,11 @@ ROWS = pa.table({
 
 def kept(where: dict) -> list[str]:
     f = Filter.parse(where)
-    return [i for i, k in zip(ROWS["id"].to_pylist(), f.mask(ROWS)) if k]
+    ids = [i for i, k in zip(ROWS["id"].to_pylist(), f.mask(ROWS)) if k]
+    pushed = f.pushdown(ROWS.column_names)
+    if pushed is not None:  # what LanceDB is asked for first never drops a matching row
+        assert set(ids) <= set(ROWS.filter(pushed)["id"].to_pylist()), (where, str(pushed))
+    return ids
 
 
 def test_no_filter_is_none():
@@ -146,3 +150,39 @@ def test_equal_filters_share_a_key_and_different_ones_do_not():
                                               {"near": {"lat": 1, "lon": 2, "km": 3}},
                                               {"near": {"lat": 1, "lon": 2, "km": 4}})}
     assert len(keys) == 11
+
+
+@pytest.mark.parametrize("where, exact", [
+    ({"uri_prefix": "/photos/", "min_width": 700, "media_type": "heic"}, ["b"]),
+    ({"taken_after": "2024-12-24", "taken_before": "2024-12-25"}, ["a", "e"]),
+    ({"near": {"lat": 48.8584, "lon": 2.2945, "km": 345}}, ["a", "b", "d"]),  # here the band of latitude is exact
+])
+def test_the_pushed_down_conditions_alone_keep_what_they_can_decide(where, exact):
+    f = Filter.parse(where)
+    assert ROWS.filter(f.pushdown(ROWS.column_names))["id"].to_pylist() == exact
+
+
+def test_conditions_no_index_decides_are_not_pushed_down_nor_are_columns_a_table_lacks():
+    unindexable = Filter.parse({"caption": "cat", "camera": "canon", "meta": {"year": 2024}})
+    assert unindexable.pushdown(ROWS.column_names) is None
+    assert Filter.parse({"taken_after": "2024-01-01"}).pushdown(["id", "uri"]) is None  # an older database
+
+
+def test_a_large_table_answers_filters_from_its_scalar_indexes(tmp_path):
+    """Real LanceDB: a folder goes to LanceDB's scalar index (the plan says so), and the matches are the same as
+    without it, and the same as the whole filter computed in memory."""
+    from bicascade.storage import filters, tables
+
+    db = tables.Database(str(tmp_path / "db"))
+    db.append(tables.IMAGES, tables.IMAGES_SCHEMA, ROWS.to_pylist())
+    wheres = [{"uri_prefix": "/photos/"}, {"taken_after": "2024-12-24", "camera": "canon"},
+              {"near": {"lat": 48.8584, "lon": 2.2945, "km": 3.5}, "media_type": ["jpeg", "heic"]},
+              {"min_width": 640, "min_height": 480, "caption": "cat"}]
+    before = [filters.matching(db, Filter.parse(w)) for w in wheres]
+    assert filters.build_indexes(db, min_rows=ROWS.num_rows + 1) == []  # a small table is read whole
+    assert filters.build_indexes(db, min_rows=ROWS.num_rows) == list(filters.INDEXED)
+    assert [filters.matching(db, Filter.parse(w)) for w in wheres] == before == [kept(w) for w in wheres]
+    dataset = db.dataset(tables.IMAGES)
+    for where in wheres:  # only a folder is answered by an index (bench/filters.py says why)
+        plan = dataset.scanner(columns=["id"], filter=Filter.parse(where).pushdown(dataset.schema.names))
+        assert ("ScalarIndexQuery" in plan.explain_plan()) == ("uri_prefix" in where), (where, plan.explain_plan())

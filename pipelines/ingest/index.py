@@ -22,7 +22,7 @@ from bicascade.errors import BadInputError, NotIndexedError
 from bicascade.levels import ResolvedLadder
 from bicascade.pipelines import runtime
 from bicascade.pipelines.ingest import sources, sync
-from bicascade.storage import keywords, tables
+from bicascade.storage import filters, keywords, tables
 
 log = logging.getLogger("bicascade")
 
@@ -35,6 +35,7 @@ class IndexConfig:
     batch_size: int = 64  # images per encoder call
     flush_rows: int = 4096  # rows per LanceDB commit (or 64 MiB of image bytes, whichever comes first)
     ann_min_rows: int = 100_000  # below this, exact search beats an ANN index
+    filter_index_min_rows: int = filters.INDEX_MIN_ROWS  # below this, filters read their columns whole
     sync: bool = False  # a folder: also remove what left it and re-read what changed (pipelines/ingest/sync.py)
 
 
@@ -334,6 +335,7 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
     log.debug("compacting %s and %s, then building indexes", tables.IMAGES, emb)
     db.finish([tables.IMAGES, emb])
     keywords.build(db)
+    filters.build_indexes(db, min_rows=config.filter_index_min_rows)
     params = db.build_ann(level0.fingerprint, min_rows=config.ann_min_rows) if db.has(emb) else None
     rows = db.count(emb)
     seconds = time.perf_counter() - t0
