@@ -57,6 +57,7 @@ from bicascade.serve.schema import (
     as_enforced,
     decode_upload,
     error,
+    filter_doc,
     invalid_response,
 )
 from bicascade.storage import tables
@@ -269,7 +270,7 @@ class Api:
             if getattr(req, name) > top:
                 raise BadInputError(f"{name}: must be at most the first cutoff {top}, got {getattr(req, name)}")
         common = {"k": req.k, "depth": req.depth, "offset": req.offset, "min_score": req.min_score,
-                  "dedup": req.dedup, "where": req.where.model_dump(exclude_none=True) if req.where else None}
+                  "dedup": req.dedup, "where": filter_doc(req.where)}
         if isinstance(req, TextSearch):
             return SearchRequest.of(req.query, mode=req.mode, **common)
         if isinstance(req, ImageIdSearch):
@@ -398,8 +399,9 @@ class Api:
             # the deepest cascade that still ranks n results
             depth = max([1] + [d for d in range(2, self.depth + 1) if self.cutoffs[d - 2] >= n])
             asked = {"query": req.text} if req.text is not None else {"image": decode_upload(req.image)}
-            found = await self.run_search(SearchRequest(**asked, k=min(n, self.cutoffs[0] if self.cutoffs else n),
-                                                      depth=depth, dedup=0.94 if req.deduplicate else None))
+            found = await self.run_search(SearchRequest.of(
+                **asked, k=min(n, self.cutoffs[0] if self.cutoffs else n), depth=depth,
+                dedup=0.94 if req.deduplicate else None, where=filter_doc(req.where)))
             base = str(request.base_url).rstrip("/")
             captions = {m["id"]: m.get("caption") for m in
                         await asyncio.to_thread(self.router.metadata, [h.id for h in found])}

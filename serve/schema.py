@@ -106,6 +106,11 @@ class Search(BaseModel):
     where: Where | None = None
 
 
+def filter_doc(where: Where | None) -> dict | None:
+    """A request's filter as the core parses it (bicascade.storage.filters.Filter.parse)."""
+    return where.model_dump(exclude_none=True) if where else None
+
+
 class TextSearch(Search):
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S")
     mode: Literal["semantic", "keyword", "hybrid"] = Field(
@@ -172,7 +177,8 @@ class SearchDoc(BaseModel):
 class KnnRequest(BaseModel):
     """clip-retrieval's knn-service request (clip_retrieval/clip_back.py), text or image. Its safety and aesthetic
     options have no counterpart here and are accepted and ignored; `image_url` and `embedding_input` must be null
-    (this server fetches nothing from the network, and each level embeds queries with its own model)."""
+    (this server fetches nothing from the network, and each level embeds queries with its own model). `where` is
+    this server's filter, as in /search."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
         {"required": ["text"], "properties": {"text": {"type": "string"}}},
@@ -192,6 +198,8 @@ class KnnRequest(BaseModel):
     use_violence_detector: Bool = False
     aesthetic_score: Int | Annotated[str, Field(max_length=20)] | None = None
     aesthetic_weight: Num | Annotated[str, Field(max_length=20)] | None = None
+    where: Where | None = Field(None, description="bicascade's own field, not clip-retrieval's (its clients never "
+                                                  "send it): the filter /search takes, applied before level 0 ranks")
 
     @model_validator(mode="after")
     def _text_or_image(self) -> "KnnRequest":

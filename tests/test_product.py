@@ -230,6 +230,11 @@ def test_clip_retrieval_protocol_and_its_client(url, tmp_path):
     assert len(hits) == 10 and set(hits[0]) == {"id", "similarity", "url", "caption"}
     assert requests.get(hits[0]["url"], timeout=30).status_code == 200
     assert [h["similarity"] for h in hits] == sorted((h["similarity"] for h in hits), reverse=True)
+    fourth = post(url, {"ids": [hits[3]["id"]]}, "/metadata")[0]["metadata"]["uri"]
+    only = post(url, {**body, "where": {"uri_prefix": fourth}}, "/knn-service")  # this server's filter, as in /search
+    assert [h["id"] for h in only] == [hits[3]["id"]]
+    r = requests.post(f"{url}/knn-service", json={**body, "where": {"colour": "blue"}}, timeout=30)
+    assert r.status_code == 422 and "colour" in r.text
     meta = post(url, {"ids": [hits[0]["id"]], "indice_name": names[0]}, "/metadata")
     assert meta[0]["id"] == hits[0]["id"] and meta[0]["metadata"]["url"] == hits[0]["url"]
     r = requests.post(f"{url}/knn-service", json={**body, "text": None, "image_url": "http://example.com/a.jpg"},
