@@ -6,6 +6,7 @@ and no two are alike). Not a test.
                                                             # camera, lens, GPS); every 10th HEIC, a few 16-bit PNGs
                                                             # and 24 MP panoramas
     python bench/photos.py web DIR [--n 20000] [--shard 1000]   # 0.3 MP JPEGs with captions in webdataset .tar shards
+    python bench/photos.py library DIR [--n 180]   # camera-named JPEGs in folders named as a person names them
 
 Prints what it wrote (files, bytes, seconds) as JSON.
 """
@@ -34,6 +35,10 @@ SUBJECTS = {"astronaut": "an astronaut in a white suit", "coffee": "a cup of cof
             "chelsea": "a tabby cat", "rocket": "a rocket on a launch pad", "grace_hopper": "a woman in uniform",
             "hubble_deep_field": "galaxies in the night sky", "immunohistochemistry": "a stained tissue sample",
             "retina": "a photograph of a retina", "camera": "a man with a camera"}
+# a photo library's folders, named as people name them: some share a word with the subject's description, some not
+FOLDERS = {"astronaut": "NASA astronaut portraits", "coffee": "coffee mornings", "chelsea": "our cat Chelsea",
+           "rocket": "rocket launch 2023", "grace_hopper": "Grace Hopper archive", "hubble_deep_field": "Hubble",
+           "immunohistochemistry": "lab slides", "retina": "eye exam retina scans", "camera": "photo club"}
 
 
 def photo(base: Image.Image, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
@@ -122,17 +127,33 @@ def web(root: Path, n: int, seed: int, shard: int) -> dict:
     return {"files": n, "shards": -(-n // shard), "bytes": written}
 
 
+def library(root: Path, n: int, seed: int) -> dict:
+    """`n` 1024x768 JPEGs named as cameras name them (IMG_0001.JPG), the sample photos' variants in `FOLDERS`."""
+    rng = np.random.default_rng(seed)
+    bases = sample_photos()
+    out = []
+    for i in range(n):
+        name = list(FOLDERS)[i % len(FOLDERS)]
+        path = root / FOLDERS[name] / f"IMG_{i:04d}.JPG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        photo(bases[name], (1024, 768), rng).save(path, quality=90)
+        out.append(path)
+    return {"files": len(out), "bytes": sum(p.stat().st_size for p in out)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("kind", choices=("phone", "web"))
+    p.add_argument("kind", choices=("phone", "web", "library"))
     p.add_argument("dir")
-    p.add_argument("--n", type=int, default=None, help="images (default: 600 phone, 20000 web)")
+    p.add_argument("--n", type=int, default=None, help="images (default: 600 phone, 20000 web, 180 library)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard", type=int, default=1000, help="web: images per .tar shard")
     a = p.parse_args()
     t0 = time.perf_counter()
     if a.kind == "phone":
         doc = phone(Path(a.dir), a.n or 600, a.seed)
+    elif a.kind == "library":
+        doc = library(Path(a.dir), a.n or 180, a.seed)
     else:
         doc = web(Path(a.dir), a.n or 20_000, a.seed, a.shard)
     emit({"kind": a.kind, "dir": a.dir, **doc, "seconds": round(time.perf_counter() - t0, 1)}, None)
