@@ -165,11 +165,15 @@ def cmd_index(args: argparse.Namespace) -> None:
 
     config = index.IndexConfig(batch_size=args.batch_size, ann_min_rows=args.ann_min_rows,
                                sync=args.sync or args.watch is not None)
-    emit(args, index.run_index(args.source, args.db, args.ladder, config))
+    if args.watch is None:
+        emit(args, index.run_index(args.source, args.db, args.ladder, config))
+        return
     try:
-        while args.watch is not None:  # until Ctrl-C: each pass adds, re-reads and removes what changed since the last
+        while True:  # until Ctrl-C: each pass adds, re-reads and removes what changed since the last
+            report = index.run_index(args.source, args.db, args.ladder, config)
+            # with --json one line per pass (JSON Lines), for whatever follows the stream
+            print(json.dumps(report.to_json()) if args.json else report.format(), flush=True)
             time.sleep(args.watch)
-            emit(args, index.run_index(args.source, args.db, args.ladder, config))
     except KeyboardInterrupt:
         pass
 
@@ -362,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync", action="store_true", help="a folder: also remove the images of files gone from it and "
                                                        "re-read files that changed (a served database sees it)")
     p.add_argument("--watch", type=float, default=None, metavar="SECONDS",
-                   help="sync again every SECONDS until Ctrl-C (implies --sync)")
+                   help="sync again every SECONDS until Ctrl-C (implies --sync; with --json one JSON line per pass)")
 
     p = command("search", cmd_search, "one cascaded query in process (no server); writes computed embeddings back")
     p.add_argument("text", nargs="?", help="what to look for (or --image)")

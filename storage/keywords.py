@@ -28,6 +28,11 @@ def build(db: tables.Database) -> None:
         tables.retrying(lambda: table.create_index("keywords", config=FTS(), replace=True))
 
 
+def current(db: tables.Database) -> bool:
+    """Every image has its keywords and the index exists (a run killed before `build` leaves rows without them)."""
+    return indexed(db) and not db.table(tables.IMAGES).count_rows("keywords IS NULL")
+
+
 def indexed(db: tables.Database) -> bool:
     return db.has(tables.IMAGES) and any(
         i.index_type == "FTS" and i.columns == ["keywords"] for i in db.table(tables.IMAGES).list_indices())

@@ -280,8 +280,14 @@ class Database:
         done = [r for r in runs if r["status"] == "done"]
         return max(done, key=lambda r: r["finished"])["source"] if done else None
 
+    def vector_index(self, name: str) -> str | None:
+        """The ANN index over `name`'s vectors (its ANN_CONFIGS name), None when it has none."""
+        named = {config.__name__: key for key, config in ANN_CONFIGS.items()}
+        return next((named.get(ix.index_type, ix.index_type) for ix in self.table(name).list_indices()
+                     if "vector" in ix.columns), None)
+
     def has_vector_index(self, name: str) -> bool:
-        return any("vector" in ix.columns for ix in self.table(name).list_indices())
+        return self.vector_index(name) is not None
 
     def count(self, name: str) -> int:
         return self.table(name).count_rows() if self.has(name) else 0

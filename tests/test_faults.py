@@ -240,7 +240,8 @@ def test_a_live_index_update_and_a_folder_sync_under_a_query_stream_fail_no_requ
         assert got["results"] and all(r["uri"].startswith(prefix) for r in got["results"])
         assert delay <= 30 and requests.get(f"{server.url}/stats", timeout=60).json()["rows"] == 360
 
-        # the folder changes under the server: 10 files deleted, 5 rewritten with new pixels, 1 added; --sync
+        # the folder changes under the server and `index --watch` follows it: 10 files deleted and 5 rewritten with
+        # new pixels before its first pass, 1 added after it (the second pass must see it)
         files = sorted((extra / "test").glob("*.jpg"))
         gone = files[:10]
         for f in gone:
@@ -248,9 +249,20 @@ def test_a_live_index_update_and_a_folder_sync_under_a_query_stream_fail_no_requ
         for f in files[10:15]:
             Image.open(f).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(f, quality=90)
             os.utime(f, (f.stat().st_atime, f.stat().st_mtime + 10))
-        Image.open(files[20]).rotate(90).save(extra / "test" / "new.jpg", quality=90)
-        synced = cli_json("index", str(extra / "test"), "--db", db, "--sync")
-        assert (synced["gone"], synced["changed"], synced["removed"], synced["new_rows"]) == (10, 5, 15, 6), synced
+        watcher = subprocess.Popen([sys.executable, "-m", "bicascade.cli", "index", str(extra / "test"), "--db", db,
+                                    "--watch", "4", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            synced = json.loads(watcher.stdout.readline())  # one JSON line per pass
+            Image.open(files[20]).rotate(90).save(extra / "test" / "new.jpg.tmp", "JPEG", quality=90)
+            os.replace(extra / "test" / "new.jpg.tmp", extra / "test" / "new.jpg")  # whole, for the next pass
+            added = json.loads(watcher.stdout.readline())
+        finally:
+            watcher.send_signal(signal.SIGINT)
+            _, err = watcher.communicate(timeout=120)
+        assert watcher.returncode == 0, err[-2000:]
+        assert (synced["gone"], synced["changed"], synced["removed"], synced["new_rows"]) == (10, 5, 15, 5), synced
+        assert (added["gone"], added["changed"], added["removed"], added["new_rows"]) == (0, 0, 0, 1), added
         t1 = time.monotonic()
         while time.monotonic() - t1 < 60:
             rows = requests.get(f"{server.url}/stats", timeout=60).json()["rows"]
@@ -264,6 +276,6 @@ def test_a_live_index_update_and_a_folder_sync_under_a_query_stream_fail_no_requ
         t.join(timeout=120)
         assert rows == 351 and seen <= 30 and statuses and set(statuses) == {200}
         print(json.dumps({"requests": len(statuses), "non_200": 0, "index_s": round(indexed - t0, 1),
-                          "searchable_after_s": round(delay, 1), "sync": {k: synced[k] for k in (
+                          "searchable_after_s": round(delay, 1), "sync": {k: synced[k] + added[k] for k in (
                               "gone", "changed", "removed", "new_rows")}, "sync_seen_after_s": round(seen, 1)}))
     verified(db)

@@ -105,9 +105,11 @@ def test_bad_input_is_recorded_and_good_images_indexed(tmp_path):
     assert Image.open(io.BytesIO(by_name["cmyk.jpg"]["bytes"])).size == (40, 30)
     vectors = np.array([r["vector"] for r in read(db, doc["table"])])
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
-    # rerun: nothing new, nothing re-encoded
+    # rerun: nothing new, nothing re-encoded, and nothing rebuilt (what each idle pass of --watch is)
+    versions = [tables.Database(db).version(name) for name in (tables.IMAGES, doc["table"])]
     again = index.run_index(str(corpus), db).to_json()  # the database remembers its ladder
     assert (again["rows"], again["new_rows"], again["errors"]) == (len(good), 0, 0)
+    assert [tables.Database(db).version(name) for name in (tables.IMAGES, doc["table"])] == versions
     assert again["skipped"] == len(good) + 1 + len(bad) and again["ladder"] == LADDER
 
 

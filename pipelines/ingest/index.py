@@ -332,11 +332,17 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
             bar.update(len(batch["uri"]))
     writer.flush()
     bar.close()
-    log.debug("compacting %s and %s, then building indexes", tables.IMAGES, emb)
-    db.finish([tables.IMAGES, emb])
-    keywords.build(db)
-    filters.build_indexes(db, min_rows=config.filter_index_min_rows)
-    params = db.build_ann(level0.fingerprint, min_rows=config.ann_min_rows) if db.has(emb) else None
+    # a pass that changed nothing (--watch's usual one) rebuilds nothing: only indexes still missing are built
+    changed = bool(writer.new_rows or removed)
+    if changed or not keywords.current(db):
+        log.debug("compacting %s and %s, then building indexes", tables.IMAGES, emb)
+        db.finish([tables.IMAGES, emb])
+        keywords.build(db)
+        filters.build_indexes(db, min_rows=config.filter_index_min_rows)
+    ann = db.vector_index(emb) if db.has(emb) else None
+    if db.has(emb) and (changed or ann is None):
+        params = db.build_ann(level0.fingerprint, min_rows=config.ann_min_rows)
+        ann = params.index_type if params else None
     rows = db.count(emb)
     seconds = time.perf_counter() - t0
     report = IndexReport(rows=rows, new_rows=writer.new_rows, errors=writer.error_count, skipped=writer.skipped,
@@ -344,7 +350,7 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
                          images_per_s=round(writer.new_rows / seconds, 2),
                          startup_s=round(startup, 2) if startup is not None else None,
                          table_version=db.version(emb), table=emb,
-                         model=spec.name, ladder=resolved.name, ann=params.index_type if params else "exact",
+                         model=spec.name, ladder=resolved.name, ann=ann or "exact",
                          gone=len(synced.gone), changed=len(synced.changed), removed=removed)
     db.append(tables.RUNS, tables.RUNS_SCHEMA, [{"run": run, "source": source, "model": spec.name,
                                                  "fingerprint": level0.fingerprint, "status": "done", "rows": rows,
