@@ -72,6 +72,14 @@ def cmd_costs(args: argparse.Namespace) -> None:
                                     batch_size=args.batch_size, device=args.device))
 
 
+def cmd_capacity(args: argparse.Namespace) -> None:
+    from bicascade import capacity
+
+    assumed = capacity.Assumptions(mfu=args.mfu, node_memory_gb=args.node_memory_gb)
+    emit(args, capacity.plan(args.images, args.ladder, args.gpu, args.qps, args.p, args.m, args.corpus,
+                             args.usd_per_gpu_hour, assumed))
+
+
 def cmd_ladders(args: argparse.Namespace) -> None:
     from bicascade import registry
     from bicascade.pipelines.lab import train
@@ -310,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true", help="also time each image encoder here (random weights)")
     p.add_argument("--batch-size", type=int, default=4, help="batch size for --measure (default 4)")
     p.add_argument("--device", default=None, help="device for --measure (default: cuda if present, else cpu)")
+
+    p = command("capacity", cmd_capacity, "on paper: GPU-hours and price to index N images, storage per table, "
+                "level 0's ANN memory and shards, nodes for a query rate, a year of cache growth (docs/SCALE.md)")
+    p.add_argument("--images", type=int, required=True, help="corpus size")
+    p.add_argument("--ladder", required=True, help="a ladder (`bicascade ladders`)")
+    p.add_argument("--gpu", default="h100", help="h100, h200, a100 or l4 (default h100)")
+    p.add_argument("--qps", type=float, default=100.0, help="queries per second to serve (default 100)")
+    p.add_argument("--p", type=float, default=0.1, help="p-small-world coverage fraction (default 0.1)")
+    p.add_argument("--m", type=_ints, default=list(DEFAULT_CUTOFFS), help=cutoffs)
+    p.add_argument("--corpus", choices=("phone", "web"), default="phone",
+                   help="12 MP phone photos or 0.3 MP web images: the decode cost and stored copy measured here")
+    p.add_argument("--usd-per-gpu-hour", type=float, default=None, help="your price (default: an assumed one)")
+    p.add_argument("--mfu", type=float, default=0.35, help="share of the GPU's bf16 peak the encoders reach")
+    p.add_argument("--node-memory-gb", type=float, default=128.0, help="memory of a level-0 search node")
 
     p = command("ladders", cmd_ladders, "list ladders: built-in, your own, and the ones the project can train")
     lsub = p.add_subparsers(dest="action", metavar="ACTION")

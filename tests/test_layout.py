@@ -68,7 +68,7 @@ def test_the_query_core_imports_no_ray_and_only_storage_imports_lancedb():
     core = [m for m in g if m in ("bicascade.query", "bicascade.cascade", "bicascade.protocol", "bicascade.levels",
                                   "bicascade.models", "bicascade.costs", "bicascade.images", "bicascade.ladders",
                                   "bicascade.errors", "bicascade.kinds", "bicascade.patches",
-                                  "bicascade.registry")
+                                  "bicascade.registry", "bicascade.capacity")
             or m.startswith(("bicascade.storage", "bicascade.pipelines.measure"))]
     for mod in core:
         assert not {d for d in g[mod] if d.split(".")[0] == "ray"}, f"{mod} imports ray"
@@ -81,7 +81,8 @@ def test_lower_layers_never_import_higher_ones():
     order = ["bicascade", "bicascade.model_configs", "bicascade.errors", "bicascade.levels", "bicascade.kinds",
              "bicascade.patches", "bicascade.registry", "bicascade.images", "bicascade.models",
              "bicascade.cascade", "bicascade.costs",
-             "bicascade.ladders", "bicascade.storage", "bicascade.protocol", "bicascade.query", "bicascade.actors",
+             "bicascade.ladders", "bicascade.capacity", "bicascade.storage", "bicascade.protocol", "bicascade.query",
+             "bicascade.actors",
              "bicascade.pipelines", "bicascade.serve", "bicascade.collection", "bicascade.cli"]
 
     def layer(mod: str) -> int:
