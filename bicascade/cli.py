@@ -80,6 +80,16 @@ def cmd_capacity(args: argparse.Namespace) -> None:
                              args.usd_per_gpu_hour, assumed))
 
 
+def cmd_kuberay(args: argparse.Namespace) -> None:
+    from bicascade.serve import kuberay
+
+    given = {k: getattr(args, k) for k in ("db", "source", "ladder", "name", "image", "gpu_workers")
+             if getattr(args, k) is not None}
+    command = " ".join(["bicascade kuberay", *(f"--{k.replace('_', '-')} {v}" for k, v in given.items())])
+    paths = kuberay.write(kuberay.Cluster(**given), args.out, command)
+    emit(args, {"written": [str(p) for p in paths]}, lambda doc: "\n".join(doc["written"]))
+
+
 def cmd_ladders(args: argparse.Namespace) -> None:
     from bicascade import registry
     from bicascade.pipelines.lab import train
@@ -332,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--usd-per-gpu-hour", type=float, default=None, help="your price (default: an assumed one)")
     p.add_argument("--mfu", type=float, default=0.35, help="share of the GPU's bf16 peak the encoders reach")
     p.add_argument("--node-memory-gb", type=float, default=128.0, help="memory of a level-0 search node")
+
+    p = command("kuberay", cmd_kuberay, "write KubeRay manifests: a RayService serving a database from object "
+                "storage and a RayJob indexing a source into it (README: Kubernetes)")
+    p.add_argument("--db", help="the database, on object storage (default s3://my-bucket/bicascade/db)")
+    p.add_argument("--source", help="what the RayJob indexes (default s3://my-bucket/photos/)")
+    p.add_argument("--ladder", help="the ladder that indexes it (default openclip-vit)")
+    p.add_argument("--name", help="the RayService's name (default bicascade)")
+    p.add_argument("--image", help="the pods' image (default bicascade:VERSION, built from deploy/Dockerfile)")
+    p.add_argument("--gpu-workers", type=int, help="the most GPU pods (default 2)")
+    p.add_argument("--out", default="deploy/kuberay", help="folder to write to (default deploy/kuberay)")
 
     p = command("ladders", cmd_ladders, "list ladders: built-in, your own, and the ones the project can train")
     lsub = p.add_subparsers(dest="action", metavar="ACTION")
