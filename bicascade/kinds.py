@@ -28,7 +28,7 @@ class Kind:
     label: Callable[[ModelSpec], str] | None = None  # `ladders show`'s "weights" column (default: the identity)
     check: Callable[[ModelSpec], None] | None = None  # fail fast, in one line (default: compute the identity)
     owns: Callable[[ModelSpec], bool] | None = None  # built-in kinds read the spec's fields; others its `kind`
-    changes: Callable[[ModelSpec], dict[str, Any]] | None = None  # a change of architecture the fingerprint hashes
+    hashed: Callable[[ModelSpec], dict[str, Any]] | None = None  # what the fingerprint hashes beside the weights
     # a kind that changes its base's model (keep-patches): the change, applied to the model it builds and to the
     # weightless one its cost is counted on
     change: Callable[[Any, ModelSpec], Any] | None = None

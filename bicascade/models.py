@@ -135,7 +135,7 @@ def fingerprint(spec: ModelSpec, preprocess_cfg: dict) -> str:
     """Hash of architecture + weights + preprocessing: changed weights never reuse stale embeddings."""
     kind = kinds.of(spec)
     doc = {"arch": model_config(spec.arch), "weights": kind.weights(spec), "preprocess": preprocess_cfg}
-    doc |= kind.changes(spec) if kind.changes else {}
+    doc |= kind.hashed(spec) if kind.hashed else {}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -69,7 +69,7 @@ def _kind(spec: ModelSpec) -> kinds.Kind:
 KIND = kinds.register(kinds.Kind(
     "keep-patches", f"LEVEL{SYNTAX}F", parse=_parse, build=lambda s: keep(_kind(s).build(base(s)), s),
     weights=lambda s: _kind(s).weights(base(s)),  # the same weights: levels share their base's text tower
-    changes=lambda s: {"keep_patches": s.keep_patches},
+    hashed=lambda s: {"keep_patches": s.keep_patches},
     label=lambda s: f"{(_kind(s).label or _kind(s).weights)(base(s))} on {s.keep_patches:.0%} of its patches",
     check=lambda s: (_kind(s).check or _kind(s).weights)(base(s)),
     change=keep,
