@@ -38,7 +38,8 @@ def one_run(db: str) -> dict:
     from bicascade.pipelines import runtime
     from bicascade.serve import server
     from bicascade.serve.app import AppConfig
-    from bicascade.serve.build import build, runtime_env
+    from bicascade.serve.build import build
+    from bicascade.serve.config import runtime_env
 
     t0 = time.monotonic()
     runtime.connect(runtime_env())

@@ -7,10 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 
 import ray
-import yaml
 from ray import serve
 
 from bicascade import models
@@ -22,24 +20,8 @@ from bicascade.levels import LevelInfo
 from bicascade.query import open_ladder
 from bicascade.serve.access import Keys
 from bicascade.serve.app import Api, AppConfig
+from bicascade.serve.config import deployment_options
 from bicascade.storage import tables
-
-CONFIG_YAML = Path(__file__).with_name("config.yaml")
-
-
-def shipped_app() -> dict:
-    """The application entry of serve/config.yaml: one source for `bicascade serve` and `serve deploy`."""
-    return yaml.safe_load(CONFIG_YAML.read_text())["applications"][0]
-
-
-def deployment_options() -> dict[str, dict]:
-    """Per-deployment options (autoscaling, queue bounds, resources) from serve/config.yaml."""
-    return {d.pop("name"): d for d in shipped_app()["deployments"]}
-
-
-def runtime_env() -> dict:
-    """The app's runtime_env from serve/config.yaml, which `bicascade serve` gives its Ray job."""
-    return shipped_app().get("runtime_env", {})
 
 
 def gpu_shares(gflops: list[float], gpus: float) -> list[float]:

@@ -5,7 +5,6 @@ head group and worker groups of pod templates). The cluster is reached only thro
 makes for Serve (`<name>-serve-svc`, port 8000); every request needs a key."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import ray
 import yaml
 
 from bicascade import __version__
-from bicascade.serve.build import CONFIG_YAML
+from bicascade.serve import config
 
 KEYS_DIR = "/etc/bicascade"  # the API keys Secret, mounted read-only in every Ray pod
 
@@ -35,7 +34,7 @@ class Cluster:
 def serve_config(c: Cluster) -> dict:
     """serve/config.yaml for the cluster: the pods' network (KubeRay's Service reaches the proxies there), the
     database, the keys file, and a GPU share for each Encoder."""
-    doc = copy.deepcopy(yaml.safe_load(CONFIG_YAML.read_text()))
+    doc = config.document()
     doc["http_options"]["host"] = "0.0.0.0"  # inside the pod network only: the ClusterIP Service is the way in
     app = doc["applications"][0]
     app["args"].update(db=c.db, api_keys=f"{KEYS_DIR}/keys")

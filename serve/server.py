@@ -15,7 +15,8 @@ from bicascade.errors import BadInputError
 from bicascade.pipelines import runtime
 from bicascade.serve.access import Keys
 from bicascade.serve.app import AppConfig
-from bicascade.serve.build import build, runtime_env
+from bicascade.serve.build import build
+from bicascade.serve.config import runtime_env
 
 log = logging.getLogger("bicascade")
 

@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from bicascade.serve.build import CONFIG_YAML
+from bicascade.serve import config as serve_config
 
 from conftest import free_port, wait_healthy
 
@@ -53,7 +53,7 @@ def cold_db(tiny_db, tmp_path_factory):
 
 def config_for_test(db: str, port: int) -> dict:
     """The shipped config, pointed at the test corpus, with an expensive level that scales within seconds."""
-    doc = yaml.safe_load(CONFIG_YAML.read_text())
+    doc = serve_config.document()
     doc["http_options"]["port"] = port
     app = doc["applications"][0]
     app["args"].update(db=db, group_gflops=0)  # the top level in a deployment of its own, as a real one is

@@ -7,7 +7,7 @@ from ray import serve
 
 from bicascade.levels import LevelInfo, ModelSpec
 from bicascade.pipelines import runtime
-from bicascade.serve import build, server
+from bicascade.serve import build, config, server
 from bicascade.serve.app import AppConfig
 
 from conftest import free_port
@@ -42,7 +42,7 @@ def test_shares_follow_level_cost():
 
 def test_encoder_replicas_request_and_get_their_gpu_share(tiny_db, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local cluster of its own, with two logical GPUs
-    runtime.connect(build.runtime_env(), num_gpus=2)
+    runtime.connect(config.runtime_env(), num_gpus=2)
     try:
         url = server.deploy(AppConfig(db=tiny_db, group_gflops=0), port=free_port())  # a deployment per level
         assert requests.post(f"{url}/search", json={"query": "a red circle", "k": 5}, timeout=120).status_code == 200

@@ -10,7 +10,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from bicascade.serve import kuberay
 from bicascade.serve.app import AppConfig
-from bicascade.serve.build import shipped_app
+from bicascade.serve.config import shipped_app
 
 from conftest import cli_json
 

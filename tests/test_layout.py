@@ -114,7 +114,8 @@ def test_in_process_search_imports_no_ray():
 @pytest.mark.parametrize(("module", "allowed"), [
     ("bicascade.cli", ()),  # --help is instant
     # the ingress (and its cascade) runs no model: a replica that imported torch and open_clip paid ~3 s of CPU at start
-    ("bicascade.serve.app", ("lancedb", "ray"))])
+    ("bicascade.serve.app", ("lancedb", "ray")),
+    ("bicascade.serve.kuberay", ("ray",))])  # writing manifests loads no model
 def test_heavy_imports_stay_where_they_are_used(module, allowed):
     heavy = ("torch", "open_clip", "ray", "lancedb")
     code = f"import sys, {module}; print(sorted(m for m in {heavy} if m in sys.modules))"

@@ -175,12 +175,11 @@ def test_an_image_deleted_over_http_is_gone_from_every_table_and_every_answer(ur
 
 
 def test_config_yaml_is_a_valid_serve_config_for_the_app():
-    import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from bicascade.serve import app, build
+    from bicascade.serve import app, config
 
-    doc = ServeDeploySchema.model_validate(yaml.safe_load(build.CONFIG_YAML.read_text()))
+    doc = ServeDeploySchema.model_validate(config.document())
     spec = doc.applications[0]
     assert spec.import_path == "bicascade.serve.build:app_builder"
     config = app.AppConfig(**spec.args)  # what app_builder is given
