@@ -134,6 +134,71 @@ def decode(data: bytes, min_side: int = DECODE_SIDE, max_pixels: int = MAX_PIXEL
     return Decoded(rgb, width, height, capture)
 
 
+@dataclass
+class Header:
+    """What a file's header says: its upright size and capture metadata, no pixels decoded."""
+
+    width: int
+    height: int
+    capture: exif.Capture
+
+
+def device_jpeg(data: bytes, max_pixels: int = MAX_PIXELS) -> Header | None:
+    """The header of a JPEG that a GPU decodes to the pixels `decode` gives (RGB or grey, no colour profile or an
+    sRGB one: the GPU applies no ICC transform); None for everything the CPU must decode (other formats, CMYK,
+    Display P3 and other profiles, files that fail to open: `decode` says why)."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        im = _open(data, max_pixels)
+    except BadInputError:
+        return None
+    icc = im.info.get("icc_profile")
+    if im.format != "JPEG" or im.mode not in ("RGB", "L") or (icc and b"sRGB" not in icc[:1024]):
+        return None
+    width, height = im.size
+    with contextlib.suppress(Exception):  # as `decode`: a malformed orientation leaves the picture as stored
+        if im.getexif().get(0x0112, 1) in ROTATED:
+            width, height = height, width
+    return Header(width, height, exif.read(im))
+
+
+def decode_jpegs(datas: Sequence[bytes], device: str | torch.device) -> list[torch.Tensor | None]:
+    """Upright uint8 (3, H, W) RGB tensors decoded on `device` in one call (nvJPEG on a GPU, EXIF orientation
+    applied); None where the device refused a file: decode that one with `decode`, on the CPU. (torchvision 0.29
+    deprecates its image codecs for TorchCodec's, which needs FFmpeg; they still work.)"""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    kw = {"mode": ImageReadMode.RGB, "device": device, "apply_exif_orientation": True}
+    try:
+        return list(decode_jpeg(tensors, **kw))
+    except RuntimeError:  # one bad file fails the batch: find it
+        out: list[torch.Tensor | None] = []
+        for t in tensors:
+            try:
+                out.append(decode_jpeg(t, **kw))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+def stored_jpeg(rgb: torch.Tensor, data: bytes) -> bytes:
+    """`stored_bytes` of an image decoded on a device: the original when small enough, else the upright image at
+    MAX_STORED_SIDE, resized and JPEG-encoded on that device."""
+    import torch
+    from torchvision.io import encode_jpeg
+
+    if len(data) <= MAX_STORED_BYTES:
+        return data
+    h, w = rgb.shape[1:]
+    scale = min(1.0, MAX_STORED_SIDE / max(h, w))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = torch.nn.functional.interpolate(rgb[None].float(), size=size, mode="bicubic", antialias=True)[0]
+    return encode_jpeg(small.round_().clamp_(0, 255).to(torch.uint8), quality=90).cpu().numpy().tobytes()
+
+
 def decode_file(path: str | Path, min_side: int = DECODE_SIDE) -> Decoded:
     return decode(Path(path).read_bytes(), min_side)
 
@@ -172,6 +237,8 @@ class Preprocessor:
         steps = image_transform_v2(PreprocessCfg(**cfg), is_train=False).transforms
         cut = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
         self.geometry: Callable[[Image.Image], Image.Image] = Compose(steps[:cut])
+        # the same resize and crop on a decoded tensor (a GPU's): torchvision's transforms take both
+        self.tensor_geometry = Compose([t for t in steps[:cut] if type(t).__name__ in ("Resize", "CenterCrop")])
         size = cfg["size"]
         self.size = (size, size) if isinstance(size, int) else tuple(size)  # open_clip gives an int for ResNets
         self.mean = np.asarray(cfg["mean"], np.float32).reshape(1, 3, 1, 1)
@@ -182,16 +249,23 @@ class Preprocessor:
         assert out.shape[:2] == self.size, (out.shape, self.size)
         return out
 
+    def crop_tensor(self, rgb: torch.Tensor) -> torch.Tensor:
+        """`crop` of a uint8 (3, H, W) tensor, on its device: (H, W, 3) uint8, as `crop` gives."""
+        out = self.tensor_geometry(rgb).permute(1, 2, 0)
+        assert tuple(out.shape[:2]) == self.size, (out.shape, self.size)
+        return out
+
     def blank(self) -> np.ndarray:
         return np.zeros((*self.size, 3), np.uint8)
 
-    def normalize(self, pixels: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    def normalize(self, pixels: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 tensor on `device`, normalised as the model was trained. The
         uint8 batch travels, a quarter of the floats' bytes, and the device does the arithmetic: numpy took 0.3 s per
         256 crops on one core, which capped a GPU encoder near 550 images/s."""
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(pixels, np.uint8)).to(device, non_blocking=True)
+        x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels, np.uint8))
+        x = x.to(device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255)
         return x.sub_(torch.from_numpy(self.mean).to(device)).div_(torch.from_numpy(self.std).to(device))
 

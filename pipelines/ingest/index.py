@@ -70,16 +70,20 @@ class IndexReport:
                 f"in {self.seconds} s, {self.images_per_s} images/s{synced}")
 
 
-def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[str], done: set[str]) -> dict:
-    """Read, hash, decode and crop each image on its own: a bad file never takes its block down."""
+def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[str], done: set[str],
+                 device_jpegs: bool = False) -> dict:
+    """Read, hash, decode and crop each image on its own: a bad file never takes its block down. With
+    `device_jpegs` (a GPU encodes), a JPEG the GPU decodes as the CPU would only has its header read here: its bytes
+    travel in `jpeg` and the encoder decodes, crops and (for a large one) makes the stored copy on its device."""
     prep = images.Preprocessor(preprocess_cfg)
     out: dict[str, list] = {k: [] for k in ("uri", "id", "status", "stage", "error", "bytes", "width", "height",
-                                            "caption", "meta", "pixels", "warning", *CAPTURE_TEXT, *CAPTURE_NUMBERS)}
+                                            "caption", "meta", "pixels", "jpeg", "warning", *CAPTURE_TEXT,
+                                            *CAPTURE_NUMBERS)}
     for i in range(len(batch["uri"])):
         uri = str(batch["uri"][i])
         row = {"uri": uri, "id": "", "status": "new", "stage": "", "error": "", "bytes": b"", "width": 0,
                "height": 0, "caption": _opt(batch, "caption", i), "meta": _opt(batch, "meta", i),
-               "pixels": prep.blank(), "warning": None, **dict.fromkeys(CAPTURE_TEXT),
+               "pixels": prep.blank(), "jpeg": b"", "warning": None, **dict.fromkeys(CAPTURE_TEXT),
                **dict.fromkeys(CAPTURE_NUMBERS, math.nan)}
         row["modified"] = _opt(batch, "modified", i) or math.nan
         stage = "read"
@@ -95,6 +99,10 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[
                 row["id"] = images.content_id(data)
                 if row["id"] in known:
                     row["status"] = "known"
+                elif device_jpegs and (head := images.device_jpeg(data)):
+                    row.update(jpeg=data, bytes=data if len(data) <= images.MAX_STORED_BYTES else b"",
+                               width=head.width, height=head.height, file_size=len(data),
+                               **capture_fields(head.capture))
                 else:
                     stage = "decode"
                     decoded = images.decode(data)
@@ -151,21 +159,56 @@ def _opt(batch: dict, key: str, i: int) -> Any:
     return None if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)) else value
 
 
+DEVICE_DECODE = 32  # JPEGs decoded per call on a GPU: a batch of 12 MP photos is 36 MB each there
+
+
 class EmbedBatches:
-    """Ray Data callable class: loads level 0 once per actor, encodes the new images of each batch."""
+    """Ray Data callable class: loads level 0 once per actor, encodes the new images of each batch; the JPEGs
+    decode_batch left whole (`jpeg`) are decoded, cropped and stored-copied on the model's device first, and any the
+    device refuses on the CPU, as every other image was."""
 
     def __init__(self, spec: models.ModelSpec, threads: int | None) -> None:
         models.set_threads(threads)
         self.model = models.load_model(spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         pixels = batch.pop("pixels")
+        on_device = self._device_crops(batch, batch.pop("jpeg", None), pixels)
         new = np.flatnonzero(batch["status"] == "new")
         vectors = np.zeros((len(pixels), self.model.dim), np.float32)
         if len(new):
-            vectors[new] = self.model.encode_crops(pixels[new])
+            dev = self.model.device
+            crops = torch.stack([on_device[i] if i in on_device else torch.from_numpy(pixels[i]).to(dev) for i in new])
+            vectors[new] = self.model.encode_pixels(self.model.preprocess.normalize(crops, dev))
         batch["vector"] = vectors
         return batch
+
+    def _device_crops(self, batch: dict[str, np.ndarray], jpegs: np.ndarray | None, pixels: np.ndarray) -> dict:
+        """Row -> crop on the device, for the rows whose JPEG the device decoded; the others' pixels, stored copy or
+        error are filled in place."""
+        rows = [] if jpegs is None else [i for i in range(len(jpegs)) if len(jpegs[i]) and batch["status"][i] == "new"]
+        if rows:  # Ray Data's arrays may be read-only, or fixed-width strings: writable objects
+            batch.update({k: np.array(batch[k], dtype=object) for k in ("status", "stage", "error", "bytes")})
+        crops = {}
+        prep = self.model.preprocess
+        for start in range(0, len(rows), DEVICE_DECODE):
+            chunk = rows[start:start + DEVICE_DECODE]
+            for i, rgb in zip(chunk, images.decode_jpegs([bytes(jpegs[i]) for i in chunk], self.model.device)):
+                data = bytes(jpegs[i])
+                try:
+                    if rgb is None:  # the device refused it: the CPU's decoder, which says what is wrong
+                        decoded = images.decode(data)
+                        pixels[i], batch["bytes"][i] = prep.crop(decoded.rgb), images.stored_bytes(data, decoded)
+                    else:
+                        crops[i] = prep.crop_tensor(rgb)
+                        if not len(batch["bytes"][i]):
+                            batch["bytes"][i] = images.stored_jpeg(rgb, data)
+                except Exception as e:
+                    batch["status"][i], batch["stage"][i] = "error", "decode"
+                    batch["error"][i] = f"{type(e).__name__}: {e}"[:500]
+        return crops
 
 
 class DecodeEmbedBatches(EmbedBatches):
@@ -311,7 +354,8 @@ def run_index(source: str, db_uri: str, ladder: str | None = None, config: Index
         decode = {"preprocess_cfg": pp_cfg, "known": known if ship else set(),
                   "done": done if ship or src.kind != "files" else set()}
         if gpus:  # CPU tasks decode, one actor per GPU encodes
-            ds = ds.map_batches(decode_batch, batch_size=config.batch_size, num_cpus=0.5, fn_kwargs=decode)
+            ds = ds.map_batches(decode_batch, batch_size=config.batch_size, num_cpus=0.5,
+                                fn_kwargs={**decode, "device_jpegs": True})
             ds = ds.map_batches(EmbedBatches,
                                 fn_constructor_kwargs={"spec": spec, "threads": max(1, int(cpus) // gpus)},
                                 compute=ray.data.ActorPoolStrategy(size=gpus), batch_size=config.batch_size,
