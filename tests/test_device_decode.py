@@ -94,16 +94,12 @@ def test_a_batch_with_a_file_the_device_refuses_keeps_the_others(files):
 
 @pytest.mark.gpu
 def test_the_device_path_on_a_gpu(files):
-    import torch
-
+    """On a CUDA device: nvJPEG decodes, the rest as on the CPU; both paths encoded by the same GPU model agree."""
     encoder = EmbedBatches(SPEC, threads=1)
     assert encoder.model.device.type == "cuda"
-    cpu_side = EmbedBatches.__new__(EmbedBatches)
-    cpu_side.model = models.load_model(SPEC, device="cpu")
-    dev, ref = encoder(batch(files, device_jpegs=True)), cpu_side(batch(files, device_jpegs=False))
+    dev, ref = encoder(batch(files, device_jpegs=True)), encoder(batch(files, device_jpegs=False))
     ok = dev["status"] == "new"
-    assert ok.sum() == len(files) - 1
+    assert ok.sum() == len(files) - 1 and (ref["status"] == dev["status"]).all()
     sims = (dev["vector"][ok] * ref["vector"][ok]).sum(1)
     assert (sims > 0.99).all(), sims  # bf16 on the GPU
     assert images.decode_jpegs([files["small.jpg"]], "cuda")[0].device.type == "cuda"
-    assert torch.cuda.is_available()
