@@ -79,8 +79,10 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[
     out: dict[str, list] = {k: [] for k in ("uri", "id", "status", "stage", "error", "bytes", "width", "height",
                                             "caption", "meta", "pixels", "jpeg", "warning", *CAPTURE_TEXT,
                                             *CAPTURE_NUMBERS)}
-    for i in range(len(batch["uri"])):
-        uri = str(batch["uri"][i])
+    uris = [str(u) for u in batch["uri"]]
+    fetch = [i for i, uri in enumerate(uris) if uri not in done and _opt(batch, "bytes", i) is None]
+    fetched = dict(zip(fetch, sources.read_many([uris[i] for i in fetch])))  # all at once, not file after file
+    for i, uri in enumerate(uris):
         row = {"uri": uri, "id": "", "status": "new", "stage": "", "error": "", "bytes": b"", "width": 0,
                "height": 0, "caption": _opt(batch, "caption", i), "meta": _opt(batch, "meta", i),
                "pixels": prep.blank(), "jpeg": b"", "warning": None, **dict.fromkeys(CAPTURE_TEXT),
@@ -91,11 +93,9 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess_cfg: dict, known: set[
             if uri in done:
                 row["status"] = "done"
             else:
-                data = _opt(batch, "bytes", i)
-                if data is None:
-                    fs, path = sources.filesystem(uri)
-                    with fs.open_input_file(path) as f:
-                        data = f.read()
+                data = fetched[i] if i in fetched else _opt(batch, "bytes", i)
+                if isinstance(data, Exception):
+                    raise data
                 row["id"] = images.content_id(data)
                 if row["id"] in known:
                     row["status"] = "known"
