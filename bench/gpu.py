@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from build import measure
 from common import Client, emit, free_port, load_test, pct
-from photos import phone, photo
+from photos import corpus, web_folder
 
 from bicascade import capacity, costs, images, ladders, models, query, registry
 from bicascade.pipelines.ingest import index
@@ -62,33 +62,6 @@ def served(db: str, root: Path, seconds: float) -> dict:
     return {"cold": {"client": pct([m for m, _, _ in cold]), "levels": per_level([d for _, d, _ in cold])},
             "warm": {"client": pct([m for m, _, _ in warm]), "levels": per_level([d for _, d, _ in warm])},
             "load": runs}
-
-
-def distinct_copies(root: Path, n: int) -> list[Path]:
-    """Bring a folder of JPEGs up to `n` files with byte-distinct copies (a JPEG comment after the start marker
-    differs): the same pixels and decode cost, a content id of their own (the index keeps one row per content)."""
-    files = sorted(root.glob("*.JPG")) + sorted(root.glob("*.jpg"))
-    out = list(files)
-    for k in range(n - len(files)):
-        src = files[k % len(files)]
-        data = src.read_bytes()
-        note = f"copy {k}".encode()
-        path = root / f"copy_{k:07d}.jpg"
-        path.write_bytes(data[:2] + b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note + data[2:])
-        out.append(path)
-    return out
-
-
-def web_folder(root: Path, distinct: int, seed: int = 0) -> None:
-    """0.3 MP web JPEGs (640 x 480 or 480 x 640, q75-90) of the sample photos, as files."""
-    from bicascade.pipelines.lab.photos import sample_photos
-
-    rng = np.random.default_rng(seed)
-    bases = list(sample_photos().values())
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(distinct):
-        size = (640, 480) if rng.random() < 0.7 else (480, 640)
-        photo(bases[i % len(bases)], size, rng).save(root / f"{i:06d}.jpg", quality=int(rng.integers(75, 91)))
 
 
 def peak_tflops(card: str) -> float | None:
@@ -133,11 +106,8 @@ def corpus_run(kind: str, n: int, ladder: query.ResolvedLadder, batch: int, tmp:
     """The corpus written (distinct pictures, then byte-distinct copies up to n), its stages, and the index job."""
     root = tmp / kind
     t0 = time.perf_counter()
-    if kind == "phone":  # a 12 MP photo takes seconds to make: 40 distinct ones (HEIC and PNG among them)
-        phone(root, min(n, 40), seed=0)
-    else:
-        web_folder(root, min(n, 1000))
-    jpegs = distinct_copies(root, n)
+    # a 12 MP photo takes seconds to make: 40 distinct ones (HEIC and PNG among them)
+    jpegs = corpus(kind, root, n, 40 if kind == "phone" else 1000)
     made = time.perf_counter() - t0
     spec = ladder.levels[0].spec
     report = index.run_index(str(root), str(tmp / f"db-{kind}"), ladder.name, index.IndexConfig(batch_size=batch))

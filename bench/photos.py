@@ -141,6 +141,40 @@ def library(root: Path, n: int, seed: int) -> dict:
     return {"files": len(out), "bytes": sum(p.stat().st_size for p in out)}
 
 
+def distinct_copies(root: Path, n: int) -> list[Path]:
+    """Bring a folder of JPEGs up to `n` files with byte-distinct copies (a JPEG comment after the start marker
+    differs): the same pixels and decode cost, a content id of their own (the index keeps one row per content)."""
+    files = sorted(root.glob("*.JPG")) + sorted(root.glob("*.jpg"))
+    out = list(files)
+    for k in range(n - len(files)):
+        src = files[k % len(files)]
+        data = src.read_bytes()
+        note = f"copy {k}".encode()
+        path = root / f"copy_{k:07d}.jpg"
+        path.write_bytes(data[:2] + b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note + data[2:])
+        out.append(path)
+    return out
+
+
+def web_folder(root: Path, distinct: int, seed: int = 0) -> None:
+    """0.3 MP web JPEGs (640 x 480 or 480 x 640, q75-90) of the sample photos, as files."""
+    rng = np.random.default_rng(seed)
+    bases = list(sample_photos().values())
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(distinct):
+        size = (640, 480) if rng.random() < 0.7 else (480, 640)
+        photo(bases[i % len(bases)], size, rng).save(root / f"{i:06d}.jpg", quality=int(rng.integers(75, 91)))
+
+
+def corpus(kind: str, root: Path, n: int, distinct: int) -> list[Path]:
+    """`n` files of a corpus ("phone" or "web") in `root`: `distinct` pictures, then byte-distinct copies."""
+    if kind == "phone":
+        phone(root, min(n, distinct), seed=0)
+    else:
+        web_folder(root, min(n, distinct))
+    return distinct_copies(root, n)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("kind", choices=("phone", "web", "library"))
