@@ -14,6 +14,7 @@ import importlib.util
 import os
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -94,7 +95,29 @@ def shutdown(then: Callable[[], None] | None = None) -> None:
     serve.shutdown()
     if then is not None:
         then()
+    stop_handle_loop()
     ray.shutdown()
+
+
+def stop_handle_loop(timeout_s: float = 5.0) -> None:
+    """Stop the event loop thread that Serve's handles share in this process (Ray 2.60's SingletonThreadRouter)
+    and wait until it has stopped. Its periodic tasks (long polls, the loop monitor's metrics) call into Ray, and
+    one that runs after `ray.shutdown` ends the whole process with exit code 1 ("The core worker has already been
+    shutdown ... The process will exit"): a test run's pytest died that way right after an in-process server
+    stopped. A later handle starts a new loop."""
+    try:
+        from ray.serve._private.router import SingletonThreadRouter
+    except ImportError:  # another Ray: nothing of ours to stop
+        return
+    with SingletonThreadRouter._asyncio_loop_creation_lock:
+        loop, SingletonThreadRouter._asyncio_loop = SingletonThreadRouter._asyncio_loop, None
+        SingletonThreadRouter._event_loop_monitor = None
+    if loop is None:
+        return
+    loop.call_soon_threadsafe(loop.stop)
+    deadline = time.monotonic() + timeout_s
+    while loop.is_running() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 FORWARDED = ("AWS_", "BICASCADE_", "GOOGLE_", "AZURE_", "HF_")
