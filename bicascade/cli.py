@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -186,13 +188,16 @@ def cmd_index(args: argparse.Namespace) -> None:
     if args.watch is None:
         emit(args, index.run_index(args.source, args.db, args.ladder, config))
         return
+    stop = threading.Event()
     try:
-        while True:  # until Ctrl-C: each pass adds, re-reads and removes what changed since the last
+        while not stop.is_set():  # until Ctrl-C: each pass adds, re-reads and removes what changed since the last
             report = index.run_index(args.source, args.db, args.ladder, config)
             # with --json one line per pass (JSON Lines), for whatever follows the stream
             print(json.dumps(report.to_json()) if args.json else report.format(), flush=True)
-            time.sleep(args.watch)
-    except KeyboardInterrupt:
+            # Ctrl-C between passes ends the wait at once; set after each pass, as starting Ray may replace it
+            signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=stop.set).start())  # not under a lock
+            stop.wait(args.watch)
+    except KeyboardInterrupt:  # during a pass: the job is resumable
         pass
 
 
