@@ -105,6 +105,15 @@ def _to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
     return ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), _SRGB, mode, "RGB")
 
 
+def _upright(im: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+    """`size` (the original's) as the picture stands upright: swapped when its EXIF orientation turns it; a
+    malformed block turns nothing (exif.read says so)."""
+    with contextlib.suppress(Exception):
+        if im.getexif().get(0x0112, 1) in ROTATED:
+            return size[1], size[0]
+    return size
+
+
 def decode(data: bytes, min_side: int = DECODE_SIDE, max_pixels: int = MAX_PIXELS) -> Decoded:
     """Decode fully (so truncation surfaces here) into an upright RGB image whose short side is shrunk towards
     `min_side` where the format allows it cheaply; width and height are the original's, upright. The header is
@@ -117,9 +126,7 @@ def decode(data: bytes, min_side: int = DECODE_SIDE, max_pixels: int = MAX_PIXEL
             im.draft(im.mode, (min_side, min_side))  # decode at 1/2, 1/4 or 1/8 scale, never below min_side
         im.load()
         capture = exif.read(im)  # after load: TIFF has its tags only then
-        with contextlib.suppress(Exception):  # a malformed block: no rotation (exif.read has said so)
-            if im.getexif().get(0x0112, 1) in ROTATED:
-                width, height = height, width
+        width, height = _upright(im, (width, height))
         with contextlib.suppress(Exception):  # a malformed orientation: the picture as stored
             im = ImageOps.exif_transpose(im)
         rgb = to_rgb(im)
@@ -156,11 +163,7 @@ def device_jpeg(data: bytes, max_pixels: int = MAX_PIXELS) -> Header | None:
     icc = im.info.get("icc_profile")
     if im.format != "JPEG" or im.mode not in ("RGB", "L") or (icc and b"sRGB" not in icc[:1024]):
         return None
-    width, height = im.size
-    with contextlib.suppress(Exception):  # as `decode`: a malformed orientation leaves the picture as stored
-        if im.getexif().get(0x0112, 1) in ROTATED:
-            width, height = height, width
-    return Header(width, height, exif.read(im))
+    return Header(*_upright(im, im.size), exif.read(im))
 
 
 def decode_jpegs(datas: Sequence[bytes], device: str | torch.device) -> list[torch.Tensor | None]:

@@ -112,6 +112,8 @@ def manifests(c: Cluster, command: str = "bicascade kuberay") -> dict[str, str]:
 def write(c: Cluster, out: str | Path, command: str = "bicascade kuberay") -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    paths = []
     for name, text in manifests(c, command).items():
-        (out / name).write_text(text)
-    return [out / name for name in manifests(c, command)]
+        paths.append(out / name)
+        paths[-1].write_text(text)
+    return paths
